@@ -1,0 +1,193 @@
+"""A real, small RLVR run: warm start, then GRPO, with HF checkpoints every k steps.
+
+Every later stage (ingest, fit, extrapolation) is tested on what this
+produces, so it must be a genuine RL trajectory (TRL's GRPOTrainer on a
+verifiable reward), deterministic for a seed, and quick on two CPU cores.
+Checkpoints are saved in the layout real trainers use (``global_step_N/``
+with config, safetensors and tokenizer files), in float32 or bfloat16, single
+file or sharded, so the same generator exercises every layout ingest reads.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.rl.char_tokenizer import build_char_tokenizer
+from pipeline.rl.evaluate import greedy_accuracy
+from pipeline.rl.tasks import Problem, addition_problems, exact_match_reward
+from pipeline.rl.tiny_model import Arch, ModelSize, build_model
+
+SaveDtype = Literal["float32", "bfloat16"]
+METRICS_FILE = "metrics.json"
+RUN_CONFIG_FILE = "run_config.json"
+
+
+@dataclass(frozen=True)
+class TinyRunConfig:
+    """Everything that determines a run; saved beside it as run_config.json."""
+
+    seed: int = 0
+    arch: Arch = "qwen2"
+    dtype: SaveDtype = "bfloat16"
+    tie: bool = False
+    max_shard_size: str | None = None  # e.g. "200KB": sharded safetensors + index
+    size: ModelSize = field(default_factory=ModelSize)
+    sft_steps: int = 250
+    sft_lr: float = 1e-3
+    sft_batch: int = 128
+    rl_steps: int = 100
+    save_every: int = 10
+    lr: float = 5e-5
+    prompts_per_step: int = 16
+    generations: int = 8
+    n_heldout: int = 256
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _warm_start(model, tokenizer, train: list[Problem], cfg: TinyRunConfig) -> None:
+    """Supervised steps on ``prompt+answer</s>`` so RL starts with a non-zero reward."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
+    model.train()
+    eos = tokenizer.eos_token
+    for _ in range(cfg.sft_steps):
+        idx = torch.randint(len(train), (cfg.sft_batch,), generator=gen).tolist()
+        texts = [train[i].prompt + train[i].answer + eos for i in idx]
+        enc = tokenizer(texts, return_tensors="pt", padding=True)
+        labels = enc.input_ids.clone()
+        labels[enc.attention_mask == 0] = -100
+        # only the answer is supervised: mask the prompt tokens
+        for row, i in enumerate(idx):
+            n_prompt = len(train[i].prompt)
+            pad = int((enc.attention_mask[row] == 0).sum())
+            labels[row, : pad + n_prompt] = -100
+        loss = model(**enc, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def save_checkpoint(model, tokenizer, out_dir: Path, dtype: SaveDtype, max_shard_size: str | None):
+    """Write a HF checkpoint atomically: a hidden temporary folder renamed at the end.
+
+    Real trainers do not always do this; ours does so that a run being watched
+    never exposes a half-written checkpoint except when a test makes one on
+    purpose.
+    """
+    tmp = out_dir.parent / f".{out_dir.name}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    torch_dtype = getattr(torch, dtype)
+    copy_ = copy.deepcopy(model).to(torch_dtype)
+    copy_.config.dtype = torch_dtype
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    copy_.save_pretrained(tmp, **kwargs)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, out_dir)
+    return copy_
+
+
+def make_tiny_run(
+    out: str | Path,
+    cfg: TinyRunConfig | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Train the run into ``out`` (``global_step_N/`` folders + metrics.json)."""
+    import transformers
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    cfg = cfg or TinyRunConfig()
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise PipelineError("output folder exists and is not empty", out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    _seed_everything(cfg.seed)
+    tokenizer = build_char_tokenizer()
+    train, heldout = addition_problems(cfg.seed, cfg.n_heldout)
+    model = build_model(cfg.arch, cfg.size, tokenizer, cfg.tie, cfg.seed)
+    _warm_start(model, tokenizer, train, cfg)
+
+    metrics: dict = {"config": _config_dict(cfg), "reward": [], "heldout_accuracy": {}}
+
+    def checkpoint(step: int, m) -> None:
+        saved = save_checkpoint(m, tokenizer, out / f"global_step_{step}", cfg.dtype,
+                                cfg.max_shard_size)
+        acc = greedy_accuracy(saved, tokenizer, heldout)
+        metrics["heldout_accuracy"][str(step)] = acc
+        log(f"step {step:>5}: held-out greedy accuracy {acc:.3f}")
+
+    checkpoint(0, model)
+
+    class SaveEvery(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            if state.global_step % cfg.save_every == 0 or state.global_step == cfg.rl_steps:
+                checkpoint(state.global_step, model)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "reward" in logs:
+                metrics["reward"].append({"step": state.global_step, "reward": logs["reward"]})
+
+    rl_prompts = Dataset.from_list([{"prompt": p.prompt, "answer": p.answer} for p in train])
+    args = GRPOConfig(
+        output_dir=str(out / ".trainer"),
+        per_device_train_batch_size=cfg.prompts_per_step * cfg.generations,
+        num_generations=cfg.generations,
+        max_completion_length=4,
+        learning_rate=cfg.lr,
+        lr_scheduler_type="constant",
+        beta=0.0,
+        max_steps=cfg.rl_steps,
+        save_strategy="no",
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        disable_tqdm=True,
+        temperature=1.0,
+    )
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=exact_match_reward,
+        args=args,
+        train_dataset=rl_prompts,
+        processing_class=tokenizer,
+        callbacks=[SaveEvery()],
+    )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    shutil.rmtree(out / ".trainer", ignore_errors=True)
+    metrics["seconds"] = round(time.perf_counter() - t_start, 1)
+    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
+    (out / RUN_CONFIG_FILE).write_text(json.dumps(_config_dict(cfg), indent=1))
+    return out
+
+
+def _config_dict(cfg: TinyRunConfig) -> dict:
+    return asdict(cfg)

@@ -1,0 +1,76 @@
+"""Shared fixtures: real tiny RLVR runs, generated once and cached on disk.
+
+Generating a run takes tens of seconds, so each variant is made once per
+machine under ``.cache/tiny-runs/<hash of its config>`` and reused by every
+test session. Tests must treat these folders as read-only: copy first
+(``copy_run``) before damaging or appending to one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from pipeline.rl.tiny_run import TinyRunConfig, make_tiny_run
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("RLVR_LIN_TEST_CACHE", REPO / ".cache" / "tiny-runs"))
+
+
+def cached_run(cfg: TinyRunConfig) -> Path:
+    """Path of the run for ``cfg``, generating it atomically if missing."""
+    key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+    path = CACHE / key
+    if not (path / "metrics.json").exists():
+        tmp = CACHE / f".{key}.{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        make_tiny_run(tmp, cfg, log=lambda _msg: None)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    return path
+
+
+# The default run of the README (bf16, 11 checkpoints, 0..100 every 10).
+BF16 = TinyRunConfig()
+# Shorter variants for layouts: fp32 single file, bf16 sharded, tied llama.
+FP32 = TinyRunConfig(dtype="float32", rl_steps=40)
+SHARDED = TinyRunConfig(dtype="bfloat16", max_shard_size="150KB", rl_steps=40)
+TIED_LLAMA = TinyRunConfig(arch="llama", tie=True, dtype="bfloat16", rl_steps=40)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_bf16() -> Path:
+    return cached_run(BF16)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_fp32() -> Path:
+    return cached_run(FP32)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_sharded() -> Path:
+    return cached_run(SHARDED)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_tied() -> Path:
+    return cached_run(TIED_LLAMA)
+
+
+@pytest.fixture
+def copy_run(tmp_path):
+    """Copy a cached run into tmp_path so a test may modify it."""
+
+    def _copy(run: Path, name: str = "run") -> Path:
+        dst = tmp_path / name
+        shutil.copytree(run, dst)
+        return dst
+
+    return _copy
