@@ -90,7 +90,9 @@ def make_tiny_run_cmd(
 @app.command("demo")
 @user_errors
 def demo_cmd(
-    name: Annotated[str | None, typer.Argument(help="catalog entry (default: the catalog's default)")] = None,
+    name: Annotated[
+        str | None, typer.Argument(help="catalog entry (default: the catalog's default)")
+    ] = None,
     catalog: CatalogOpt = None,
     scheduler: Scheduler = None,
 ) -> None:

@@ -8,6 +8,7 @@ test session. Tests must treat these folders as read-only: copy first
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.rl.tiny_run import TinyRunConfig, make_tiny_run
+from pipeline.rl.tiny_run import GENERATOR_VERSION, TinyRunConfig, make_tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("RLVR_LIN_TEST_CACHE", REPO / ".cache" / "tiny-runs"))
@@ -25,14 +26,19 @@ CACHE = Path(os.environ.get("RLVR_LIN_TEST_CACHE", REPO / ".cache" / "tiny-runs"
 
 def cached_run(cfg: TinyRunConfig) -> Path:
     """Path of the run for ``cfg``, generating it atomically if missing."""
-    key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+    blob = json.dumps([GENERATOR_VERSION, asdict(cfg)], sort_keys=True).encode()
+    key = hashlib.sha256(blob).hexdigest()[:16]
     path = CACHE / key
-    if not (path / "metrics.json").exists():
-        tmp = CACHE / f".{key}.{os.getpid()}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        make_tiny_run(tmp, cfg, log=lambda _msg: None)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    # one generator per key even when several pytest processes start together
+    with open(CACHE / f".{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "metrics.json").exists():
+            tmp = CACHE / f".{key}.{os.getpid()}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            make_tiny_run(tmp, cfg, log=lambda _msg: None)
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
     return path
 
 

@@ -31,6 +31,8 @@ from pipeline.rl.tasks import Problem, addition_problems, exact_match_reward
 from pipeline.rl.tiny_model import Arch, ModelSize, build_model
 
 SaveDtype = Literal["float32", "bfloat16"]
+# Bump when the generator's output changes for the same config (invalidates caches).
+GENERATOR_VERSION = 2
 METRICS_FILE = "metrics.json"
 RUN_CONFIG_FILE = "run_config.json"
 
@@ -85,7 +87,9 @@ def _warm_start(model, tokenizer, train: list[Problem], cfg: TinyRunConfig) -> N
         opt.zero_grad(set_to_none=True)
 
 
-def save_checkpoint(model, tokenizer, out_dir: Path, dtype: SaveDtype, max_shard_size: str | None):
+def save_checkpoint(
+    model, tokenizer, out_dir: Path, dtype: SaveDtype, max_shard_size: str | None
+) -> None:
     """Write a HF checkpoint atomically: a hidden temporary folder renamed at the end.
 
     Real trainers do not always do this; ours does so that a run being watched
@@ -102,7 +106,6 @@ def save_checkpoint(model, tokenizer, out_dir: Path, dtype: SaveDtype, max_shard
     copy_.save_pretrained(tmp, **kwargs)
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, out_dir)
-    return copy_
 
 
 def make_tiny_run(
@@ -113,7 +116,7 @@ def make_tiny_run(
     """Train the run into ``out`` (``global_step_N/`` folders + metrics.json)."""
     import transformers
     from datasets import Dataset
-    from transformers import TrainerCallback
+    from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     transformers.utils.logging.disable_progress_bar()
@@ -134,9 +137,10 @@ def make_tiny_run(
     metrics: dict = {"config": _config_dict(cfg), "reward": [], "heldout_accuracy": {}}
 
     def checkpoint(step: int, m) -> None:
-        saved = save_checkpoint(m, tokenizer, out / f"global_step_{step}", cfg.dtype,
-                                cfg.max_shard_size)
-        acc = greedy_accuracy(saved, tokenizer, heldout)
+        folder = out / f"global_step_{step}"
+        save_checkpoint(m, tokenizer, folder, cfg.dtype, cfg.max_shard_size)
+        # score the files as a user will load them, not the in-memory copy
+        acc = greedy_accuracy(AutoModelForCausalLM.from_pretrained(folder), tokenizer, heldout)
         metrics["heldout_accuracy"][str(step)] = acc
         log(f"step {step:>5}: held-out greedy accuracy {acc:.3f}")
 
