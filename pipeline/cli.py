@@ -65,6 +65,7 @@ def make_tiny_run_cmd(
     rl_steps: Annotated[int, typer.Option(help="GRPO steps")] = 100,
     save_every: Annotated[int, typer.Option(help="checkpoint every k steps")] = 10,
     lr: Annotated[float, typer.Option(help="GRPO learning rate (constant)")] = 5e-5,
+    sft_steps: Annotated[int, typer.Option(help="supervised warm-start steps")] = 250,
     hidden_size: int = 128,
     layers: int = 2,
     intermediate_size: int = 256,
@@ -82,7 +83,7 @@ def make_tiny_run_cmd(
     size = ModelSize(hidden_size, layers, intermediate_size, heads, kv_heads)
     cfg = TinyRunConfig(seed=seed, arch=arch, dtype=dtype, tie=tie,  # type: ignore[arg-type]
                         max_shard_size=max_shard_size, size=size, rl_steps=rl_steps,
-                        save_every=save_every, lr=lr)
+                        save_every=save_every, lr=lr, sft_steps=sft_steps)
     make_tiny_run(out, cfg)
     typer.echo(f"run written to {out}")
 
@@ -100,6 +101,340 @@ def demo_cmd(
     from pipeline.demo import run_demo
 
     run_demo(name, catalog, scheduler)
+
+
+@app.command("ingest")
+@user_errors
+def ingest_cmd(
+    run: Annotated[str, typer.Argument(help="run directory, or a catalog entry name")],
+    store: Annotated[Path | None, typer.Option(help="zarr store (default: the catalog's)")] = None,
+    step_pattern: Annotated[
+        str | None, typer.Option(help="regex with a named group 'step' for checkpoint folders")
+    ] = None,
+    watch: Annotated[
+        bool, typer.Option(help="keep ingesting new checkpoints as they land")
+    ] = False,
+    poll: Annotated[float, typer.Option(help="--watch: seconds between scans")] = 10.0,
+    settle: Annotated[
+        float, typer.Option(help="--watch: seconds a checkpoint must stay unchanged")
+    ] = 5.0,
+    max_idle: Annotated[
+        float | None, typer.Option(help="--watch: stop after this many seconds with no new step")
+    ] = None,
+    until_step: Annotated[
+        int | None, typer.Option(help="--watch: stop once this step is stored")
+    ] = None,
+    allow_pickle: Annotated[
+        bool, typer.Option(help="also read pickle (.bin/.pt) weights, with weights_only=True")
+    ] = False,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    catalog: CatalogOpt = None,
+    scheduler: Scheduler = None,
+) -> None:
+    """Ingest a run's checkpoints into its step-indexed zarr store (resumable, append-only)."""
+    import warnings
+
+    from pipeline.catalog import is_catalog_name, lookup
+    from pipeline.store.ingest import ingest
+
+    run_dir, pattern = Path(run), step_pattern
+    if is_catalog_name(run):
+        entry = lookup(run, catalog)
+        run_dir, store = entry.checkpoints, store or entry.store
+        pattern = pattern or entry.step_pattern
+    if store is None:
+        raise PipelineError("--store is required when RUN is a path", run_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda msg, *_a, **_k: typer.echo(f"warning: {msg}", err=True)
+        rep = ingest(run_dir, store, step_pattern=pattern, scheduler=scheduler, watch=watch,
+                     poll=poll, settle=settle, max_idle=max_idle, until_step=until_step,
+                     allow_pickle=allow_pickle, progress=progress,
+                     log=lambda m: typer.echo(m, err=True))
+    mb = 1 / 1e6
+    rows = [
+        ("steps ingested", f"{len(rep.ingested)} {rep.ingested}"),
+        ("steps skipped (unchanged)", f"{len(rep.skipped)}"),
+        ("steps in store", f"{len(rep.steps)}"),
+        ("checkpoint bytes read", f"{rep.ingested_bytes * mb:.1f} MB"),
+        ("checkpoint bytes (all steps)", f"{rep.checkpoint_bytes * mb:.1f} MB"),
+        ("store bytes", f"{rep.store_bytes * mb:.1f} MB"),
+        ("store / checkpoints", f"{rep.ratio:.3f}"),
+        ("seconds", f"{rep.seconds:.1f}"),
+    ]
+    if rep.nonfinite:
+        rows.append(("steps with NaN/inf", f"{sorted(rep.nonfinite)}"))
+    width = max(len(k) for k, _ in rows)
+    typer.echo(f"store {rep.store}")
+    for k, v in rows:
+        typer.echo(f"  {k:<{width}}  {v}")
+
+
+@app.command("extrapolate")
+@user_errors
+def extrapolate_cmd(
+    source: Annotated[
+        str | None, typer.Argument(help="run store, run directory, or catalog entry name")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="output model folder (must not exist)")] = None,
+    to: Annotated[float | None, typer.Option(help="target training step")] = None,
+    method: Annotated[str, typer.Option(help="two-point, lstsq or gated")] = "two-point",
+    alpha: Annotated[
+        float | None, typer.Option(help="two-point: Eq. 2's alpha instead of --to")
+    ] = None,
+    steps: Annotated[
+        tuple[int, int] | None,
+        typer.Option(help="two-point: the two steps T0 T1; lstsq/gated: the stored steps in "
+                     "[T0, T1] (default: first and last / all)"),
+    ] = None,
+    window: Annotated[
+        int | None, typer.Option(help="lstsq/gated: use only the last N stored steps")
+    ] = None,
+    r2_min: Annotated[
+        float | None, typer.Option(help="gated: line where R² >= this, else last checkpoint")
+    ] = None,
+    from_checkpoints: Annotated[
+        tuple[Path, Path] | None, typer.Option(help="two checkpoint folders DIR0 DIR1")
+    ] = None,
+    source_steps: Annotated[
+        tuple[int, int] | None,
+        typer.Option(help="steps of --from-checkpoints (default: parsed from folder names)"),
+    ] = None,
+    include: Annotated[
+        list[str] | None, typer.Option(help="tensors that move (glob, or re:REGEX); repeatable")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(help="tensors copied from the newest step (default: norms); repeatable, "
+                     "replaces the default; --exclude '' moves everything"),
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="output dtype (default: the source's), e.g. float32")
+    ] = None,
+    max_shard_size: Annotated[
+        str | None, typer.Option(help="shard the output, e.g. 5GB (default: one file)")
+    ] = None,
+    allow_interpolation: Annotated[
+        bool, typer.Option(help="allow a target step inside the source range")
+    ] = False,
+    force: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    catalog: CatalogOpt = None,
+) -> None:
+    """Extrapolate weights to a future step and export a model transformers loads as-is."""
+    from pipeline.extrapolate.export import export, make_spec
+    from pipeline.extrapolate.plan import DEFAULT_EXCLUDE
+    from pipeline.extrapolate.sources import open_source
+
+    if out is None:
+        raise PipelineError("--out DIR is required")
+    if out.exists() and not force:
+        raise PipelineError("output exists (pass --force to overwrite)", out)
+    src = open_source(source, from_checkpoints, source_steps, catalog)
+    chosen: list[int] | None = None
+    if steps is not None:
+        chosen = list(steps)
+        if method != "two-point":
+            missing = [s for s in steps if s not in src.steps]
+            chosen = missing or [s for s in src.steps if steps[0] <= s <= steps[1]]
+    spec = make_spec(src, method, to=to, alpha=alpha, steps=chosen, window=window,
+                     r2_min=r2_min, include=include or ("*",),
+                     exclude=DEFAULT_EXCLUDE if exclude is None else [e for e in exclude if e],
+                     allow_interpolation=allow_interpolation)
+    res = export(src, out, spec, dtype=dtype, max_shard_size=max_shard_size, force=force,
+                 progress=progress)
+    rows = [
+        ("method", spec.method),
+        ("source steps", ", ".join(map(str, spec.steps))),
+        ("target step", f"{spec.target:g}"),
+        ("alpha", "-" if spec.alpha is None else f"{spec.alpha:g}"),
+        ("tensors extrapolated", str(len(res.moved))),
+        ("tensors copied from step " + str(spec.steps[-1]), str(len(res.copied))),
+        ("tensors dropped (tied)", str(len(res.dropped))),
+        ("files", ", ".join(res.files) if len(res.files) <= 2
+         else f"{len(res.files)} shards + model.safetensors.index.json"),
+        ("bytes written", f"{res.bytes_written / 1e6:.1f} MB"),
+        ("seconds", f"{res.seconds:.1f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    typer.echo(f"model written to {res.out}")
+    for k, v in rows:
+        typer.echo(f"  {k:<{width}}  {v}")
+
+
+@app.command("backtest")
+@user_errors
+def backtest_cmd(
+    source: Annotated[str, typer.Argument(help="run store, run directory, or catalog name")],
+    out: Annotated[
+        Path | None, typer.Option(help="folder for backtest.csv and backtest.png")
+    ] = None,
+    holdout: Annotated[
+        int | None, typer.Option(help="hold out the last N checkpoints (default: half)")
+    ] = None,
+    cutoff: Annotated[
+        list[int] | None, typer.Option(help="last known step (repeatable; overrides --holdout)")
+    ] = None,
+    r2_min: Annotated[
+        list[float] | None, typer.Option(help="gate thresholds to try (default 0.5, 0.8)")
+    ] = None,
+    window: Annotated[
+        int | None, typer.Option(help="lstsq/gated: only the last N known steps")
+    ] = None,
+    per_tensor: Annotated[bool, typer.Option(help="also print the per-tensor table")] = False,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    catalog: CatalogOpt = None,
+) -> None:
+    """Predict held-out later checkpoints from earlier ones; relative error per method."""
+    from pipeline.catalog import is_catalog_name, lookup
+    from pipeline.console import print_table
+    from pipeline.extrapolate.backtest import (
+        ALL,
+        plan_cases,
+        plot_errors,
+        run_backtest,
+        write_csv,
+    )
+    from pipeline.extrapolate.sources import open_source
+
+    src = open_source(source, catalog=catalog)
+    if out is None:
+        out = (lookup(source, catalog).outputs / "backtest" if is_catalog_name(source)
+               else Path("backtest"))
+    cases = plan_cases(src.steps, cutoff, holdout, r2_min or (0.5, 0.8), window)
+    res = run_backtest(src, cases, progress=progress)
+    csv_path = write_csv(res, out / "backtest.csv")
+    png_path = plot_errors(res, out / "backtest.png")
+    cols = ["cutoff", "target", "horizon", "method", "alpha", "rel_error"]
+    print_table("Backtest: ||W_pred - W_real|| / ||W_real - W_cutoff|| (no-change = 1)",
+                cols, [[r[c] for c in cols] for r in res.rows(per_tensor=False)])
+    if per_tensor:
+        print_table("Per tensor", [*cols, "tensor"],
+                    [[r[c] for c in [*cols, "tensor"]] for r in res.rows()
+                     if r["tensor"] != ALL])
+    typer.echo(f"table: {csv_path}\nplot: {png_path}")
+
+
+@app.command("alpha-sweep")
+@user_errors
+def alpha_sweep_cmd(
+    run: Annotated[str, typer.Argument(help="tiny RLVR run directory, or catalog entry name")],
+    t0: Annotated[int | None, typer.Option(help="first checkpoint (default: first)")] = None,
+    t1: Annotated[int | None, typer.Option(help="second checkpoint (default: middle)")] = None,
+    alpha: Annotated[
+        list[float] | None,
+        typer.Option(help="alphas (repeatable; default: every later real checkpoint)"),
+    ] = None,
+    method: Annotated[
+        list[str] | None, typer.Option(help="two-point, lstsq, gated (repeatable)")
+    ] = None,
+    r2_min: Annotated[float, typer.Option(help="gated: R² threshold")] = 0.8,
+    csv_out: Annotated[Path | None, typer.Option("--csv", help="also write a CSV")] = None,
+    catalog: CatalogOpt = None,
+) -> None:
+    """Held-out accuracy of extrapolated models vs alpha, next to the real checkpoints."""
+    import csv
+
+    from pipeline.catalog import is_catalog_name, lookup
+    from pipeline.console import print_table
+    from pipeline.extrapolate.alpha_sweep import alpha_sweep, rows_as_dicts
+    from pipeline.extrapolate.plan import check_method
+
+    run_dir = lookup(run, catalog).checkpoints if is_catalog_name(run) else Path(run)
+    methods = [check_method(m) for m in (method or ["two-point"])]
+    rows = alpha_sweep(run_dir, t0, t1, alpha, methods, r2_min)
+    print_table(
+        f"Alpha sweep on {run_dir} (greedy held-out accuracy)",
+        ["method", "t0", "t1", "alpha", "target step", "extrapolated", "real at target",
+         "real at t1"],
+        [[r.method, r.t0, r.t1, r.alpha, f"{r.target:g}", r.accuracy,
+          "-" if r.real_accuracy is None else r.real_accuracy, r.t1_accuracy] for r in rows],
+    )
+    if csv_out is not None:
+        dicts = rows_as_dicts(rows)
+        csv_out.parent.mkdir(parents=True, exist_ok=True)
+        with csv_out.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(dicts[0]))
+            w.writeheader()
+            w.writerows(dicts)
+        typer.echo(f"table: {csv_out}")
+
+
+def _store_and_outputs(target: str, catalog: Path | None) -> tuple[Path, Path | None]:
+    """STORE path, or a catalog name -> (its store, its outputs folder)."""
+    from pipeline.catalog import is_catalog_name, lookup
+
+    if is_catalog_name(target):
+        entry = lookup(target, catalog)
+        return entry.store, entry.outputs
+    return Path(target), None
+
+
+@app.command("fit")
+@user_errors
+def fit_cmd(
+    store: Annotated[str, typer.Argument(help="run store (zarr), or a catalog entry name")],
+    from_step: Annotated[
+        int | None, typer.Option("--from", help="first training step of the window")
+    ] = None,
+    to_step: Annotated[
+        int | None, typer.Option("--to", help="last training step of the window")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="fit folder (default: STORE's sibling NAME.fit)")
+    ] = None,
+    paper_filters: Annotated[
+        bool, typer.Option(help="headline figures after the authors' filters")
+    ] = False,
+    full: Annotated[bool, typer.Option(help="refit from scratch even if up to date")] = False,
+    bins: Annotated[int, typer.Option(help="R² histogram bins on [0, 1]")] = 100,
+    block_mb: Annotated[
+        float, typer.Option(help="checkpoint MB per step per task (memory ~50x)")
+    ] = 4.0,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    catalog: CatalogOpt = None,
+    scheduler: Scheduler = None,
+) -> None:
+    """Fit slope, intercept and R² of every weight element against step (incremental)."""
+    from pipeline.fit.histograms import print_headline
+    from pipeline.fit.job import fit_store
+
+    store_path, outputs = _store_and_outputs(store, catalog)
+    if out is None and outputs is not None:
+        out = outputs / "fit"
+    rep = fit_store(store_path, out, start=from_step, stop=to_step, scheduler=scheduler,
+                    n_bins=bins, block_bytes=int(block_mb * (1 << 20)), full=full,
+                    progress=progress)
+    print_headline(rep.histograms["paper" if paper_filters else "moving"])
+    how = ("up to date" if not rep.new_steps else
+           f"updated with steps {rep.new_steps}" if rep.incremental else "fitted from scratch")
+    typer.echo(f"fit {rep.fit_dir}: {how}; {len(rep.steps)} steps "
+               f"{rep.steps[0]}..{rep.steps[-1]}, {rep.tasks} tasks, "
+               f"{rep.bytes_read / 1e6:.1f} MB read in {rep.seconds:.1f} s")
+
+
+@app.command("report")
+@user_errors
+def report_cmd(
+    store: Annotated[str, typer.Argument(help="run store (zarr), or a catalog entry name")],
+    out: Annotated[Path | None, typer.Option(help="report folder (default: FIT/report)")] = None,
+    fit: Annotated[Path | None, typer.Option(help="fit folder (default: STORE's fit)")] = None,
+    paper_filters: Annotated[
+        bool, typer.Option(help="plot the elements kept by the authors' filters")
+    ] = False,
+    samples: Annotated[int, typer.Option(help="element trajectories to plot")] = 6,
+    catalog: CatalogOpt = None,
+) -> None:
+    """Write a self-contained HTML report (histograms, null, heatmap, trajectories)."""
+    from pipeline.fit.results import fit_dir_for
+    from pipeline.report.html import write_report
+
+    store_path, outputs = _store_and_outputs(store, catalog)
+    fit_dir = fit or (outputs / "fit" if outputs is not None else fit_dir_for(store_path))
+    out = out or fit_dir / "report"
+    page = write_report(store_path, fit_dir, out, paper_filters=paper_filters,
+                        n_samples=samples)
+    typer.echo(f"report: {page}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -1,0 +1,278 @@
+"""Fit throughput and peak memory vs the authors' approach and vs one read pass of the store.
+
+    .venv/bin/python benchmarks/fit.py --run RUN_DIR [--store S] [--workers 2]
+    .venv/bin/python benchmarks/fit.py --synthetic-gb 2 --workdir /tmp/fitbench
+
+Measures, each in its own process tree with RSS sampled every 20 ms
+(peak = largest sum of RSS over the tree, Dask workers and nannies included):
+
+* baseline: the authors' method on ALL elements: every checkpoint loaded as
+  torch tensors, then per tensor a float64 ``torch.linalg.lstsq`` against the
+  normalised step plus their Pearson R²;
+* read pass: every chunk of the store read and decoded once (same Dask plan,
+  same workers, no arithmetic) -- the floor for any out-of-core fit;
+* fit: ``fit_store`` from scratch (null, filters, histograms and state included).
+
+Throughput is checkpoint bytes (safetensors files of the fitted steps) per
+second. ``--synthetic-gb`` writes a bf16 run whose elements move by a few
+ULPs at random (a throughput workload only; it says nothing about linearity).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class PeakRSS:
+    """Samples the RSS of a process and all its descendants; keeps the peak of the sum."""
+
+    def __init__(self, pid: int, every: float = 0.02) -> None:
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, args=(every,), daemon=True)
+
+    def _run(self, every: float) -> None:
+        while not self._stop.is_set():
+            total = 0
+            try:
+                procs = [self.proc, *self.proc.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                break
+            for p in procs:
+                try:
+                    total += p.memory_info().rss
+                except psutil.NoSuchProcess:
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(every)
+
+    def __enter__(self) -> PeakRSS:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def measure(mode: str, args: argparse.Namespace) -> dict:
+    """Run one mode in a fresh interpreter, return its JSON result plus peak RSS."""
+    cmd = [sys.executable, __file__, "--_mode", mode, "--run", str(args.run), "--store",
+           str(args.store), "--workers", str(args.workers), "--block-mb", str(args.block_mb)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    with PeakRSS(p.pid) as mem:
+        out, _ = p.communicate()
+    if p.returncode:
+        raise SystemExit(f"{mode} failed ({p.returncode})")
+    res = json.loads(out.strip().splitlines()[-1])
+    res["peak_rss"] = mem.peak
+    return res
+
+
+# -- the three workloads (run inside the child process) -------------------------------------------
+
+
+def _checkpoint_bytes(run: Path) -> int:
+    from pipeline.checkpoints.discover import discover_checkpoints
+
+    return sum(f.stat().st_size for cp in discover_checkpoints(run)
+               for f in cp.path.glob("*.safetensors"))
+
+
+def run_baseline(run: Path) -> dict:
+    """The authors' weight_linearity.py, on every element instead of a 0.1% sample."""
+    import torch
+    from safetensors.torch import load_file
+
+    from pipeline.checkpoints.discover import discover_checkpoints
+
+    t0 = time.perf_counter()
+    cps = discover_checkpoints(run)
+    sds = []
+    for cp in cps:
+        sd = {}
+        for f in sorted(cp.path.glob("*.safetensors")):
+            sd.update(load_file(str(f)))
+        sds.append(sd)
+    steps = torch.tensor([c.step for c in cps], dtype=torch.float64)
+    xn = (steps - steps.min()) / (steps.max() - steps.min())
+    a = torch.stack([torch.ones_like(xn), xn], 1)
+    n_above = n = 0
+    for name in sds[0]:
+        y = torch.stack([sd[name].reshape(-1) for sd in sds]).double()
+        try:  # as the authors: lstsq, falling back to the pseudo-inverse when LAPACK refuses
+            beta = torch.linalg.lstsq(a, y).solution
+        except RuntimeError:
+            beta = torch.linalg.pinv(a) @ y
+        _ = a @ beta
+        xc = xn - xn.mean()
+        yc = y - y.mean(0, keepdim=True)
+        ystd = y.std(0)
+        ystd = torch.where(ystd > 1e-10, ystd, torch.ones_like(ystd))
+        r = (xc[:, None] * yc).sum(0) / ((len(xn) - 1) * xn.std() * ystd + 1e-10)
+        r2 = torch.clamp(r * r, 0, 1)
+        n_above += int((r2 > 0.7).sum())
+        n += r2.numel()
+        del y, beta, yc
+    return {"seconds": time.perf_counter() - t0, "frac_above_0.7": n_above / max(n, 1)}
+
+
+def _read_task(store: str, pieces: list, n_steps: int) -> int:
+    from pipeline.fit.graph import READ_BUDGET_BYTES
+    from pipeline.fit.source import StoreRef
+
+    src = StoreRef(store).open(n_steps)
+    total = 0
+    for p in pieces:
+        rows = slice(p.start, p.stop) if src.shape(p.name) else None
+        batch = max(1, READ_BUDGET_BYTES // max(1, p.nbytes))
+        for i in range(0, n_steps, batch):
+            total += src.read_block(p.name, slice(i, min(i + batch, n_steps)), rows).nbytes
+    return total
+
+
+def run_read_pass(store: Path, workers: int, block_bytes: int) -> dict:
+    from pipeline.checkpoints.format import logical_dtype
+    from pipeline.compute import dask_client
+    from pipeline.fit.graph import fit_rows, plan_tasks
+    from pipeline.fit.results import TensorPlan
+    from pipeline.store.reader import open_run
+
+    src = open_run(store)
+    plans = [TensorPlan(n, src.shape(n), src.dtype(n), fit_rows(
+        src.shape(n), src.chunk_rows(n), logical_dtype(src.dtype(n)).itemsize, block_bytes))
+        for n in src.tensor_names]
+    tasks = plan_tasks(plans, block_bytes)
+    with dask_client(n_workers=workers) as c:
+        t0 = time.perf_counter()
+        futs = [c.submit(_read_task, str(store), t, len(src.steps), pure=False) for t in tasks]
+        total = sum(c.gather(futs))
+        return {"seconds": time.perf_counter() - t0, "bytes": total, "tasks": len(tasks)}
+
+
+def run_fit(store: Path, workers: int, block_bytes: int) -> dict:
+    from pipeline.compute import dask_client
+    from pipeline.fit import fit_store
+
+    out = store.with_name("bench.fit")
+    with dask_client(n_workers=workers) as c:
+        t0 = time.perf_counter()
+        rep = fit_store(store, out, client=c, full=True, block_bytes=block_bytes, progress=False)
+        secs = time.perf_counter() - t0
+    tot = rep.histograms["moving"]
+    return {"seconds": secs, "tasks": rep.tasks,
+            "frac_above_0.7": float(tot["n_above_0.7"].sum()) / float(tot.n_selected.sum())}
+
+
+# -- synthetic run ------------------------------------------------------------------------------
+
+
+def make_synthetic(out: Path, gb: float, n_steps: int = 12) -> Path:
+    """A bf16 run (Qwen2-like names) whose elements change by a few ULPs at random."""
+    import ml_dtypes
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    per_step = gb * 1e9 / n_steps
+    hidden = 1024
+    inter = 2816
+    layer_elems = 4 * hidden * hidden + 3 * hidden * inter
+    n_layers = max(1, int(per_step / 2 / layer_elems))
+    rng = np.random.default_rng(0)
+    shapes = {"model.embed_tokens.weight": (8192, hidden), "lm_head.weight": (8192, hidden),
+              "model.norm.weight": (hidden,)}
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": (hidden, hidden),
+                       p + "self_attn.k_proj.weight": (hidden, hidden),
+                       p + "self_attn.v_proj.weight": (hidden, hidden),
+                       p + "self_attn.o_proj.weight": (hidden, hidden),
+                       p + "mlp.gate_proj.weight": (inter, hidden),
+                       p + "mlp.up_proj.weight": (inter, hidden),
+                       p + "mlp.down_proj.weight": (hidden, inter),
+                       p + "input_layernorm.weight": (hidden,),
+                       p + "post_attention_layernorm.weight": (hidden,)})
+    cur = {k: (rng.standard_normal(s, dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+           for k, s in shapes.items()}
+    for k in range(n_steps):
+        d = out / f"global_step_{10 * k}"
+        d.mkdir(parents=True, exist_ok=True)
+        save_file(cur, str(d / "model.safetensors"))
+        for name, v in cur.items():
+            bits = v.view(np.uint16)
+            moves = rng.integers(-1, 2, size=bits.shape, dtype=np.int16) * (
+                rng.random(bits.shape, dtype=np.float32) < 0.5)
+            nxt = bits.astype(np.int32) + moves
+            nxt = np.where((nxt & 0x7FFF) == 0x7FFF, bits, nxt)  # never step onto NaN/inf
+            nxt = np.where(np.abs(v.astype(np.float32)) < 1e-30, bits, nxt)  # nor across 0
+            cur[name] = nxt.astype(np.uint16).view(ml_dtypes.bfloat16)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", type=Path, help="checkpoint run directory")
+    ap.add_argument("--synthetic-gb", type=float, help="generate a bf16 run of this size")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/rlvr-fit-bench"))
+    ap.add_argument("--store", type=Path, help="store to use (ingested if missing)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--block-mb", type=float, default=4.0)
+    ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--_mode", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    block = int(args.block_mb * (1 << 20))
+    if args._mode:
+        res = {"baseline": lambda: run_baseline(args.run),
+               "read": lambda: run_read_pass(args.store, args.workers, block),
+               "fit": lambda: run_fit(args.store, args.workers, block)}[args._mode]()
+        print(json.dumps(res))
+        return
+    if args.run is None:
+        if args.synthetic_gb is None:
+            ap.error("give --run or --synthetic-gb")
+        args.run = args.workdir / "run"
+        if not args.run.exists():
+            print(f"writing a {args.synthetic_gb} GB synthetic bf16 run to {args.run}")
+            make_synthetic(args.run, args.synthetic_gb)
+    args.store = args.store or args.workdir / "run.zarr"
+    if not args.store.exists():
+        from pipeline.compute import dask_client
+        from pipeline.store.ingest import ingest
+
+        t0 = time.perf_counter()
+        with dask_client(n_workers=args.workers) as c:
+            ingest(args.run, args.store, client=c, progress=False)
+        print(f"ingest: {time.perf_counter() - t0:.1f} s")
+    nbytes = _checkpoint_bytes(args.run)
+    res = {m: measure(m, args) for m in (["read", "fit"] if args.skip_baseline
+                                          else ["baseline", "read", "fit"])}
+    gb = nbytes / 1e9
+    print(f"\ncheckpoint bytes: {gb:.2f} GB; {args.workers} workers; block {args.block_mb} MB")
+    print(f"{'':10s} {'seconds':>9s} {'GB/s':>8s} {'peak RSS GB':>12s}")
+    for m, r in res.items():
+        print(f"{m:10s} {r['seconds']:9.2f} {gb / r['seconds']:8.3f} {r['peak_rss'] / 1e9:12.2f}")
+    f = res["fit"]
+    if "baseline" in res:
+        b = res["baseline"]
+        print(f"fit / baseline throughput: {b['seconds'] / f['seconds']:.2f}x (goal >= 3); "
+              f"peak memory fit / baseline: {f['peak_rss'] / b['peak_rss']:.2f} (goal <= 0.25)")
+    print(f"fit time / read pass time: {f['seconds'] / res['read']['seconds']:.2f} (goal <= 2)")
+    shutil.rmtree(args.store.with_name("bench.fit"), ignore_errors=True)
+
+
+if __name__ == "__main__":
+    mp.freeze_support()
+    main()

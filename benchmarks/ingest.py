@@ -1,0 +1,129 @@
+"""Ingest benchmark: throughput vs ``cp``, peak RSS vs largest tensor, compression ratio.
+
+Usage (a run made by the project's generator, or an existing one)::
+
+    python benchmarks/ingest.py --run RUN_DIR
+    python benchmarks/ingest.py --make /tmp/bigrun --hidden-size 1024 --layers 8 \\
+        --intermediate-size 4096 --rl-steps 20 --save-every 2
+
+Goals: >= 0.5x cp throughput, peak RSS < 4x the largest tensor, store <= 30%.
+RSS is the sum over this process and its Dask workers, sampled every 50 ms;
+both the absolute peak and the peak above the idle cluster are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+
+def tree_rss() -> int:
+    me = psutil.Process()
+    total = me.memory_info().rss
+    for c in me.children(recursive=True):
+        try:
+            total += c.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+class PeakRSS:
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_rss())
+            time.sleep(0.05)
+
+    def __enter__(self) -> PeakRSS:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def weight_bytes(run: Path) -> tuple[int, int]:
+    """(total weight-file bytes, largest tensor bytes) over all checkpoints."""
+    from pipeline.checkpoints import CheckpointReader, discover_checkpoints
+
+    total, largest = 0, 0
+    for cp in discover_checkpoints(run):
+        r = CheckpointReader(cp.path)
+        total += r.total_bytes
+        largest = max(largest, max(i.nbytes for i in r.tensors.values()))
+    return total, largest
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--run", type=Path, help="existing run directory")
+    ap.add_argument("--make", type=Path, help="generate a run here with make-tiny-run")
+    ap.add_argument("--hidden-size", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--intermediate-size", type=int, default=4096)
+    ap.add_argument("--rl-steps", type=int, default=20)
+    ap.add_argument("--save-every", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--tmp", type=Path, default=None, help="where the store and cp copy go")
+    a = ap.parse_args()
+    run = a.run
+    if run is None:
+        if a.make is None:
+            ap.error("give --run or --make")
+        if not (a.make / "metrics.json").exists():
+            subprocess.run([sys.executable, "-m", "pipeline", "make-tiny-run", str(a.make),
+                            "--hidden-size", str(a.hidden_size), "--layers", str(a.layers),
+                            "--intermediate-size", str(a.intermediate_size),
+                            "--rl-steps", str(a.rl_steps), "--save-every", str(a.save_every)],
+                           check=True)
+        run = a.make
+    from pipeline.compute import dask_client
+    from pipeline.store.ingest import ingest
+
+    total, largest = weight_bytes(run)
+    tmp = Path(tempfile.mkdtemp(dir=a.tmp))
+    try:
+        # cp of the same files to the same disk, page cache warm for both
+        t = time.perf_counter()
+        subprocess.run(["cp", "-r", str(run), str(tmp / "copy")], check=True)
+        subprocess.run(["sync"], check=True)
+        t_cp = time.perf_counter() - t
+        with dask_client(n_workers=a.workers) as client:
+            idle = tree_rss()
+            with PeakRSS() as peak:
+                t = time.perf_counter()
+                rep = ingest(run, tmp / "run.zarr", client=client, progress=False)
+                subprocess.run(["sync"], check=True)
+                t_ing = time.perf_counter() - t
+        mb = 1e6
+        print(f"run                     {run}")
+        print(f"checkpoints             {len(rep.steps)} steps, {total / mb:.1f} MB of weights")
+        print(f"largest tensor          {largest / mb:.2f} MB")
+        print(f"cp -r                   {t_cp:.2f} s  ({total / mb / t_cp:.0f} MB/s)")
+        print(f"ingest                  {t_ing:.2f} s  ({total / mb / t_ing:.0f} MB/s)")
+        print(f"throughput vs cp        {t_cp / t_ing:.2f}x   (goal >= 0.5x)")
+        print(f"peak RSS (all procs)    {peak.peak / mb:.0f} MB = "
+              f"{peak.peak / largest:.1f}x largest tensor")
+        print(f"peak RSS above idle     {(peak.peak - idle) / mb:.0f} MB = "
+              f"{(peak.peak - idle) / largest:.1f}x largest tensor   (goal < 4x)")
+        print(f"store / checkpoints     {rep.ratio:.3f}   (goal <= 0.30)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

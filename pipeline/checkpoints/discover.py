@@ -1,0 +1,97 @@
+"""Find a run's checkpoints and their steps, in the layouts trainers write.
+
+Recognised step folders directly under the run directory: ``global_step_N``
+(verl, OpenRLHF, this project's generator), ``checkpoint-N`` (HF Trainer /
+TRL), ``step_N``. Inside a step folder the weights are in the folder itself
+or in verl's ``actor/huggingface``. A catalog may give its own regex with a
+named group ``step``; it is matched against the folder path relative to the
+run directory. Hidden folders (``.global_step_10.partial``) are never steps.
+Only paths are returned: opening and validating is the reader's job.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.checkpoints.reader import has_weights
+from pipeline.errors import PipelineError
+
+DEFAULT_PATTERNS = (r"global_step_(?P<step>\d+)", r"checkpoint-(?P<step>\d+)",
+                    r"step_(?P<step>\d+)")
+INNER = ("", "actor/huggingface", "huggingface")
+MAX_DEPTH = 4
+
+
+@dataclass(frozen=True, order=True)
+class Checkpoint:
+    """One checkpoint: its training step and the folder holding its weight files."""
+
+    step: int
+    path: Path
+
+
+def _weights_folder(folder: Path) -> Path:
+    """The folder holding the weights inside a step folder (itself if nothing is there yet)."""
+    for inner in INNER:
+        cand = folder / inner if inner else folder
+        if cand.is_dir() and has_weights(cand):
+            return cand
+    return folder
+
+
+def _candidates(run_dir: Path) -> list[Path]:
+    """Folders up to MAX_DEPTH below ``run_dir``, skipping hidden ones; relative paths."""
+    out, frontier = [], [run_dir]
+    for _ in range(MAX_DEPTH):
+        nxt = []
+        for d in frontier:
+            for p in sorted(d.iterdir()):
+                if p.is_dir() and not p.name.startswith("."):
+                    out.append(p)
+                    nxt.append(p)
+        frontier = nxt
+    return out
+
+
+def discover_checkpoints(run_dir: str | Path, step_pattern: str | None = None) -> list[Checkpoint]:
+    """All checkpoints of a run, sorted by step; a step found twice is an error.
+
+    With ``step_pattern`` the regex must fullmatch the folder's path relative
+    to ``run_dir`` (posix separators) and have a group named ``step``.
+    Folders that exist but have no weights yet are still returned (their
+    reader will say what is missing), so ``--watch`` can wait for them.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise PipelineError("run directory not found", run_dir)
+    found: dict[int, Path] = {}
+
+    def add(step: int, folder: Path) -> None:
+        if step in found and found[step] != folder:
+            raise PipelineError(f"step {step} found twice: {found[step]} and {folder}", run_dir)
+        found[step] = folder
+
+    if step_pattern is not None:
+        try:
+            rx = re.compile(step_pattern)
+        except re.error as e:
+            raise PipelineError(f"invalid step_pattern {step_pattern!r}: {e}") from None
+        if "step" not in rx.groupindex:
+            raise PipelineError(f"step_pattern {step_pattern!r} has no named group 'step'")
+        for p in _candidates(run_dir):
+            m = rx.fullmatch(p.relative_to(run_dir).as_posix())
+            if m:
+                add(int(m.group("step")), _weights_folder(p))
+    else:
+        rxs = [re.compile(p) for p in DEFAULT_PATTERNS]
+        for p in sorted(run_dir.iterdir()):
+            if not p.is_dir() or p.name.startswith("."):
+                continue
+            for rx in rxs:
+                m = rx.fullmatch(p.name)
+                if m:
+                    add(int(m.group("step")), _weights_folder(p))
+                    break
+    return [Checkpoint(s, f) for s, f in sorted(found.items())]

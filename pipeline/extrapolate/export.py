@@ -1,0 +1,367 @@
+"""Streaming export of an extrapolated model that transformers and vLLM load as-is.
+
+Tensor by tensor, row block by row block: read the block at each source
+step, run a pure kernel, round to the output dtype, append to the shard
+being written. Peak memory is a few row blocks whatever the model size.
+The output folder is written as a hidden sibling and renamed into place
+only when complete, so a crash or a bad input never leaves a half model
+where a loader could find it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.checkpoints.format import logical_dtype
+from pipeline.checkpoints.writer import ShardedWriter, TensorSpec
+from pipeline.errors import PipelineError
+from pipeline.extrapolate import kernels as K
+from pipeline.extrapolate.plan import (
+    DEFAULT_EXCLUDE,
+    TensorPlan,
+    check_method,
+    check_target,
+    choose_steps,
+    plan_tensors,
+    resolve_alpha,
+)
+from pipeline.extrapolate.sources import WeightSource
+
+DEFAULT_BLOCK_BYTES = 16 * 2**20  # working memory of the blocks in flight (all operands)
+# files beside the weights that a loader needs, copied from the newest checkpoint
+AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+             "tokenizer.model", "chat_template.jinja", "chat_template.json",
+             "preprocessor_config.json")
+PROVENANCE_FILE = "extrapolation.json"
+
+
+@dataclass(frozen=True)
+class ExtrapolationSpec:
+    """Everything that decides the output values (recorded in the output's metadata)."""
+
+    method: str
+    steps: tuple[int, ...]
+    target: float
+    alpha: float | None = None  # two-point only
+    r2_min: float | None = None  # gated only
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+
+
+def make_spec(
+    source: WeightSource,
+    method: str = "two-point",
+    to: float | None = None,
+    alpha: float | None = None,
+    steps: Sequence[int] | None = None,
+    window: int | None = None,
+    r2_min: float | None = None,
+    include: Sequence[str] = ("*",),
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    allow_interpolation: bool = False,
+) -> ExtrapolationSpec:
+    """Validate the user's choices against the source; raises before any data is read."""
+    m = check_method(method)
+    used = choose_steps(source.steps, steps, m, window)
+    if m == "two-point":
+        a, target = resolve_alpha(used[0], used[1], to, alpha, allow_interpolation)
+        return ExtrapolationSpec(m, tuple(used), target, alpha=a,
+                                 include=tuple(include), exclude=tuple(exclude))
+    if alpha is not None and to is None:
+        to = used[0] + alpha * (used[-1] - used[0])  # same meaning as for two-point
+    if to is None or alpha is not None:
+        raise PipelineError(f"{m} needs exactly one of --to STEP or --alpha")
+    check_target(to, used[-1], allow_interpolation)
+    if m == "gated":
+        if r2_min is None:
+            raise PipelineError("--method gated needs --r2-min TAU")
+        if not 0.0 <= r2_min <= 1.0:
+            raise PipelineError(f"--r2-min must be in [0, 1], got {r2_min}")
+    elif r2_min is not None:
+        raise PipelineError("--r2-min only applies to --method gated")
+    return ExtrapolationSpec(m, tuple(used), float(to), r2_min=r2_min,
+                             include=tuple(include), exclude=tuple(exclude))
+
+
+def rows_per_block(shape: tuple[int, ...], block_bytes: int, elem_bytes: int = 4) -> int:
+    """Leading-axis rows whose working set (``elem_bytes`` per element) fits ``block_bytes``."""
+    if not shape:
+        return 1
+    row = int(np.prod(shape[1:], dtype=np.int64)) * elem_bytes
+    return max(1, block_bytes // max(row, 1))
+
+
+# scratch bytes per element besides the inputs: two-point writes one output element
+# (its float32 temporaries are cache-sized tiles); the least-squares state of
+# pipeline.fit holds ~80 bytes per element plus the float64 prediction
+ELEM_BYTES = {"two-point": 4, "lstsq": 104, "gated": 112}
+
+
+def row_blocks(shape: tuple[int, ...], block_bytes: int, elem_bytes: int = 4
+               ) -> Iterator[slice | None]:
+    """Slices over axis 0 covering the tensor (``None`` for a scalar)."""
+    if not shape:
+        yield None
+        return
+    step = rows_per_block(shape, block_bytes, elem_bytes)
+    for a in range(0, shape[0], step):
+        yield slice(a, min(a + step, shape[0]))
+
+
+def input_steps(spec: ExtrapolationSpec, plan: TensorPlan) -> tuple[int, ...]:
+    """The source steps a tensor's output depends on."""
+    if plan.action == "copy":
+        return (spec.steps[-1],)
+    return spec.steps
+
+
+def read_inputs(source: WeightSource, spec: ExtrapolationSpec, plan: TensorPlan,
+                rows: slice | None) -> list[np.ndarray]:
+    """The row block of ``plan`` at every step it depends on (the only I/O of a block)."""
+    return [source.read(plan.name, s, rows) for s in input_steps(spec, plan)]
+
+
+def compute_block(
+    spec: ExtrapolationSpec, plan: TensorPlan, inputs: list[np.ndarray],
+    ws: K.Workspace | None = None,
+) -> np.ndarray:
+    """One output block exactly as written: predicted, rounded (RNE) to the output dtype.
+
+    Pure: ``inputs`` come from :func:`read_inputs`. With a workspace the
+    result may be a view into it, valid until the workspace is used again.
+    """
+    if plan.action == "copy":
+        val = inputs[0]
+    elif spec.method == "two-point":
+        assert spec.alpha is not None
+        w0, w1 = inputs
+        out = (ws.get("output", w0.shape, plan.out_dtype) if ws is not None
+               else np.empty(w0.shape, plan.out_dtype))
+        return K.two_point(w0, w1, spec.alpha, out=out, ws=ws)  # rounding fused per tile
+    else:
+        fit, last = K.fit_line(inputs, spec.steps)
+        val = K.line_value(fit.slope, fit.intercept, spec.target)
+        if spec.method == "gated":
+            assert spec.r2_min is not None
+            val = K.gate(val, last.reshape(-1), fit.r2, spec.r2_min)
+        val = val.reshape(last.shape)
+    if val.dtype == plan.out_dtype:
+        return val
+    if val.dtype != np.float64 and K.is_float(val.dtype):
+        val = K.to_float32(val)  # copied tensors changing dtype: exact widening first
+    return K.round_to(val, plan.out_dtype)
+
+
+def block_elem_bytes(spec: ExtrapolationSpec, plan: TensorPlan) -> int:
+    """Working bytes per element of one block: its inputs plus the kernel's scratch."""
+    inputs = plan.src_dtype.itemsize * len(input_steps(spec, plan))
+    if plan.action == "copy":
+        return inputs + 8
+    return inputs + ELEM_BYTES[spec.method]
+
+
+def stream_blocks(
+    source: WeightSource, spec: ExtrapolationSpec, plans: Sequence[TensorPlan],
+    writer: ShardedWriter, block_bytes: int,
+    on_block: Callable[[int], None] = lambda _n: None,
+    on_tensor: Callable[[TensorPlan], None] | None = None,
+) -> None:
+    """Read, compute and write every block, overlapping the three.
+
+    One thread prefetches the next block's inputs while this one computes;
+    another writes the previous block (in order: a single writer thread).
+    Two workspaces alternate so a block being written is never overwritten.
+    At most two blocks are in flight, so memory stays ~2 x ``block_bytes``.
+    """
+    jobs = [(p, rows, last)
+            for p in plans
+            for rows, last in _with_last(row_blocks(p.shape, block_bytes // 2,
+                                                    block_elem_bytes(spec, p)))]
+    if not jobs:
+        return
+    workspaces = [K.Workspace(), K.Workspace()]
+    writes: list[Future[None] | None] = [None, None]
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as write_pool:
+        nxt = reader.submit(read_inputs, source, spec, jobs[0][0], jobs[0][1])
+        for k, (p, _rows, last) in enumerate(jobs):
+            inputs = nxt.result()
+            if k + 1 < len(jobs):
+                nxt = reader.submit(read_inputs, source, spec, jobs[k + 1][0], jobs[k + 1][1])
+            slot = k % 2
+            if writes[slot] is not None:
+                writes[slot].result()  # this workspace's previous block is on disk
+            block = compute_block(spec, p, inputs, workspaces[slot])
+            writes[slot] = write_pool.submit(writer.write, p.name, block)
+            on_block(block.nbytes)
+            if last and on_tensor is not None:
+                on_tensor(p)
+        for w in writes:
+            if w is not None:
+                w.result()
+
+
+def _with_last(it: Iterator[slice | None]) -> Iterator[tuple[slice | None, bool]]:
+    items = list(it)
+    for i, x in enumerate(items):
+        yield x, i == len(items) - 1
+
+
+def build_plan(
+    source: WeightSource, spec: ExtrapolationSpec, out_dtype: np.dtype | None = None
+) -> list[TensorPlan]:
+    """Tensor plan over the steps used: same names and shapes at every step."""
+    names = source.tensor_names
+    names_at = getattr(source, "names_at", None)
+    if names_at is not None:
+        for s in spec.steps:
+            other = set(names_at(s))
+            if other != set(names):
+                diff = sorted(set(names) ^ other)
+                raise PipelineError(f"tensors differ between steps {spec.steps[-1]} and {s}: "
+                                    f"{', '.join(diff[:5])}")
+    shapes = {n: [source.shape(n, s) for s in spec.steps] for n in names}
+    dtypes = {n: source.dtype(n) for n in names}
+    cfg = source.config or {}
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    return plan_tensors(names, shapes, dtypes, spec.include, spec.exclude, out_dtype, tied)
+
+
+def metadata_for(spec: ExtrapolationSpec) -> dict[str, str]:
+    """safetensors ``__metadata__`` (string values only): what produced these weights."""
+    md = {"format": "pt", "method": spec.method, "steps": json.dumps(list(spec.steps)),
+          "target_step": f"{spec.target:g}"}
+    if spec.alpha is not None:
+        md["alpha"] = repr(spec.alpha)
+    if spec.r2_min is not None:
+        md["r2_min"] = repr(spec.r2_min)
+    return md
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    spec: ExtrapolationSpec
+    files: list[str]
+    moved: list[str] = field(default_factory=list)
+    copied: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    bytes_written: int = 0
+    seconds: float = 0.0
+
+
+def export(
+    source: WeightSource,
+    out: str | Path,
+    spec: ExtrapolationSpec,
+    dtype: str | None = None,
+    max_shard_size: str | int | None = None,
+    force: bool = False,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    progress: bool = False,
+    on_tensor: Callable[[TensorPlan], None] | None = None,
+) -> ExportResult:
+    """Write the extrapolated model to ``out`` (safetensors shards + config + tokenizer).
+
+    Nothing appears at ``out`` unless the export completes; an existing
+    ``out`` is replaced only with ``force``.
+    """
+    t_start = time.perf_counter()
+    out = Path(out)
+    if out.exists() and not force:
+        raise PipelineError("output exists (pass --force to overwrite)", out)
+    out_dtype = logical_dtype(dtype) if dtype else None
+    if out_dtype is not None and not K.is_float(out_dtype):
+        raise PipelineError(f"--dtype must be a floating type, got {dtype}")
+    plans = build_plan(source, spec, out_dtype)
+    folder = source.files_folder
+    if folder is None or not (folder / "config.json").exists():
+        raise PipelineError("no config.json in the newest source checkpoint; cannot export a "
+                            "loadable model", folder)
+    all_names = set(source.tensor_names)
+    specs = [TensorSpec(p.name, p.shape, p.out_dtype) for p in plans]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    bar = _progress(sum(s.nbytes for s in specs), progress)
+    try:
+        with ShardedWriter(tmp, specs, max_shard_size, metadata_for(spec)) as writer:
+            stream_blocks(source, spec, plans, writer, block_bytes, bar, on_tensor)
+        _copy_aux(folder, tmp, out_dtype)
+        result = ExportResult(
+            out, spec, writer.files,
+            moved=[p.name for p in plans if p.action == "move"],
+            copied=[p.name for p in plans if p.action == "copy"],
+            dropped=sorted(all_names - {p.name for p in plans}),
+            bytes_written=sum(s.nbytes for s in specs),
+        )
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(
+            {**asdict(spec), "source": str(folder.parent), "moved": result.moved,
+             "copied": result.copied, "dropped": result.dropped}, indent=1) + "\n")
+        _publish(tmp, out, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        bar(None)
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+def _copy_aux(src: Path, dst: Path, out_dtype: np.dtype | None) -> None:
+    """Config, generation config and tokenizer files; config's dtype follows ``--dtype``."""
+    for name in AUX_FILES:
+        f = src / name
+        if f.is_file():
+            shutil.copy2(f, dst / name)
+    if out_dtype is not None:
+        cfg_path = dst / "config.json"
+        cfg: dict[str, Any] = json.loads(cfg_path.read_text())
+        name = "bfloat16" if out_dtype == K.BF16 else str(out_dtype)
+        for key in ("dtype", "torch_dtype"):
+            if key in cfg:
+                cfg[key] = name
+        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def _publish(tmp: Path, out: Path, force: bool) -> None:
+    """Rename the finished folder into place; with ``force`` the old one goes only after."""
+    if out.exists():
+        if not force:
+            raise PipelineError("output appeared while exporting; not overwriting", out)
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        if old.is_dir():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+        return
+    os.replace(tmp, out)
+
+
+def _progress(total: int, enabled: bool) -> Callable[[int | None], None]:
+    """A byte-counting progress callback (tqdm); ``None`` closes it."""
+    if not enabled:
+        return lambda _n: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="export")
+
+    def update(n: int | None) -> None:
+        if n is None:
+            bar.close()
+        else:
+            bar.update(n)
+
+    return update

@@ -1,0 +1,180 @@
+"""The Dask side of the fit: a plan of tasks (pure arithmetic) and the task body.
+
+One task = a few row blocks ("pieces") of ~``block_bytes`` of checkpoint data
+per step: big tensors are split into chunk-aligned row blocks, small tensors
+share a task, so the number of tasks follows the bytes, not the tensor
+count. A task reads its pieces step by step through the ``SourceRef``,
+updates the sufficient statistics, writes results and state for its own
+chunks and returns only small additive summaries (histograms, counts).
+Memory per task is bounded by its block (about 100 bytes of state per
+element plus a few steps of reads), never by the model or the number of steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.checkpoints.format import logical_dtype
+from pipeline.fit import kernels as K
+from pipeline.fit.results import TensorPlan, read_state, write_piece
+from pipeline.fit.source import SourceRef
+from pipeline.store.layout import Piece, group_tasks, plan_pieces
+
+READ_BUDGET_BYTES = 64 << 20  # raw bytes of steps read at once by one task
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Everything a task needs besides its pieces (small and picklable)."""
+
+    fit_dir: str
+    steps: tuple[int, ...]  # the window's steps (training steps)
+    first_position: int  # store position of steps[0]
+    done: int  # steps[:done] are already in the stored state (0: fresh)
+    seed: int
+    n_bins: int
+
+
+@dataclass
+class SelectionSummary:
+    """Additive over pieces and tensors: what the histograms of one selection need."""
+
+    hist: np.ndarray
+    null_hist: np.ndarray
+    n_selected: int = 0
+    removed_min_change: int = 0
+    removed_distinct: int = 0
+    r2_sum: float = 0.0
+    null_sum: float = 0.0
+    n_above: tuple[int, ...] = (0, 0)
+    null_above: tuple[int, ...] = (0, 0)
+
+    @staticmethod
+    def empty(n_bins: int) -> SelectionSummary:
+        return SelectionSummary(np.zeros(n_bins, np.int64), np.zeros(n_bins, np.int64))
+
+    def add(self, o: SelectionSummary) -> None:
+        self.hist = self.hist + o.hist
+        self.null_hist = self.null_hist + o.null_hist
+        self.n_selected += o.n_selected
+        self.removed_min_change += o.removed_min_change
+        self.removed_distinct += o.removed_distinct
+        self.r2_sum += o.r2_sum
+        self.null_sum += o.null_sum
+        self.n_above = tuple(a + b for a, b in zip(self.n_above, o.n_above, strict=True))
+        self.null_above = tuple(a + b for a, b in zip(self.null_above, o.null_above, strict=True))
+
+
+@dataclass
+class TensorSummary:
+    """Per-tensor totals: element and static counts plus one summary per selection."""
+
+    n_elements: int = 0
+    n_static: int = 0
+    selections: dict[str, SelectionSummary] = field(default_factory=dict)
+
+    def add(self, o: TensorSummary) -> None:
+        self.n_elements += o.n_elements
+        self.n_static += o.n_static
+        for k, v in o.selections.items():
+            if k in self.selections:
+                self.selections[k].add(v)
+            else:
+                self.selections[k] = v
+
+
+def plan_tasks(tensors: Sequence[TensorPlan], block_bytes: int) -> list[list[Piece]]:
+    """Chunk-aligned pieces of every tensor, packed into tasks of about ``block_bytes``."""
+    pieces: list[Piece] = []
+    for t in tensors:
+        pieces += plan_pieces(t.name, t.shape, logical_dtype(t.dtype).itemsize, t.chunk_rows,
+                              block_bytes)
+    return group_tasks(pieces, block_bytes)
+
+
+def fit_rows(shape: tuple[int, ...], source_chunk_rows: int, itemsize: int,
+             block_bytes: int) -> int:
+    """Rows per fit chunk: the height of a fit piece (a whole number of store chunks)."""
+    ps = plan_pieces("", shape, itemsize, source_chunk_rows, block_bytes)
+    return ps[0].stop - ps[0].start if shape else 1
+
+
+def _row_elems(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape[1:]:
+        n *= s
+    return n
+
+
+def fit_piece(src: Any, t: TensorPlan, piece: Piece, cfg: FitConfig,
+              xst: K.XStats) -> TensorSummary:
+    """Bring one piece's state up to the last step, write its results, summarise it."""
+    rows = slice(piece.start, piece.stop) if t.shape else None
+    flat0 = piece.start * _row_elems(t.shape) if t.shape else 0
+    m = (piece.stop - piece.start) * _row_elems(t.shape) if t.shape else 1
+    dtype = logical_dtype(t.dtype)
+    steps = cfg.steps
+    if cfg.done == 0:
+        first = src.read_block(t.name, slice(cfg.first_position, cfg.first_position + 1), rows)
+        state = K.init_state(first.reshape(-1))
+        done = 1
+    else:
+        state = read_state(cfg.fit_dir, t, rows)
+        done = cfg.done
+    batch = max(1, READ_BUDGET_BYTES // max(1, m * dtype.itemsize))
+    for i in range(done, len(steps), batch):
+        j = min(i + batch, len(steps))
+        vals = src.read_block(t.name, slice(cfg.first_position + i, cfg.first_position + j),
+                              rows).reshape(j - i, m)
+        flips = [K.flip_mask(cfg.seed, t.name, steps[k], flat0, flat0 + m) for k in range(i, j)]
+        K.update(state, vals, [float(steps[k] - steps[0]) for k in range(i, j)], flips)
+    fit = K.finalize(state, xst, dtype)
+    results = {"slope": fit.slope, "intercept": fit.intercept, "r2": fit.r2,
+               "null_r2": fit.null_r2}
+    write_piece(cfg.fit_dir, t, rows, results, state)
+    out = TensorSummary(n_elements=m, n_static=int(fit.static.sum()))
+    for name, paper in (("moving", False), ("paper", True)):
+        sel = K.select(fit, paper)
+        b = K.summarize(fit, sel, cfg.n_bins)
+        out.selections[name] = SelectionSummary(
+            b.hist, b.null_hist, b.n_selected, sel.removed_min_change, sel.removed_distinct,
+            b.r2_sum, b.null_sum, b.n_above, b.null_above)
+    return out
+
+
+def fit_task(ref: SourceRef, tensors: dict[str, TensorPlan], pieces: list[Piece],
+             cfg: FitConfig) -> list[tuple[str, TensorSummary]]:
+    """One Dask task: every piece of the task, in order (idempotent: safe to re-run)."""
+    src = ref.open(cfg.first_position + len(cfg.steps))
+    xst = K.XStats.from_steps(cfg.steps)
+    return [(p.name, fit_piece(src, tensors[p.name], p, cfg, xst)) for p in pieces]
+
+
+def run_graph(client: Any, ref: SourceRef, tensors: dict[str, TensorPlan],
+              tasks: list[list[Piece]], cfg: FitConfig, token: str,
+              on_done: Callable[[int], None] | None = None) -> dict[str, TensorSummary]:
+    """Submit one future per task, gather summaries as they finish, add them per tensor."""
+    from distributed import as_completed
+
+    futures = []
+    for i, pieces in enumerate(tasks):
+        sub = {p.name: tensors[p.name] for p in pieces}
+        futures.append(client.submit(fit_task, ref, sub, pieces, cfg, key=f"fit-{token}-{i}",
+                                     pure=False))
+    nbytes = {f.key: sum(p.nbytes for p in pieces) for f, pieces in zip(futures, tasks,
+                                                                          strict=True)}
+    totals: dict[str, TensorSummary] = {}
+    for fut in as_completed(futures):
+        for name, s in fut.result():
+            if name in totals:
+                totals[name].add(s)
+            else:
+                totals[name] = s
+        if on_done is not None:
+            on_done(nbytes[fut.key])
+        fut.release()
+    return totals

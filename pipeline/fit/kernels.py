@@ -1,0 +1,539 @@
+"""Pure array kernels of the per-element fit: arrays in, arrays out, no I/O, no Dask.
+
+This is the one file that computes R² (``r_squared``). Everything else
+(Dask graph, zarr I/O, histograms, report) calls into it.
+
+Model, for every scalar weight w at steps s_1 < ... < s_N of a window:
+``w(s) = intercept + slope * s`` by least squares. Numerics:
+
+* x = s - s_1 and d = w - w(s_1) (deltas from the first step of the window),
+  both in float64, so the sums never see the large raw weight values; the
+  slope is per training step and the intercept is at step 0, as np.polyfit.
+* Per element we keep the sufficient statistics Σd, Σxd, Σd² (n, Σx, Σx² are
+  shared by all elements), and finish with centred sums
+  ``Sxy = Σxd - Σx Σd / n`` etc. R² = Sxy² / (Sxx Syy).
+* An element is *static* when it never moves. Because d(s_1) = 0, "all values
+  equal" is exactly "Σd² == 0" (a sum of squares of float64 numbers is 0 only
+  when every term is), so the test is exact, with no tolerance.
+* Null baseline: the same element's increments with random signs,
+  e_k = e_{k-1} ± (d_k - d_{k-1}), a sign-flipped random walk with exactly the
+  same step sizes. Its own Σe, Σxe, Σe² are accumulated in the same pass, so
+  the null updates incrementally too. Signs come from a counter-based
+  generator (Philox) keyed by (seed, tensor, step) and counted by the flat
+  element index: reproducible, independent of block layout and of the order
+  in which steps arrive.
+* Authors' filters (``--paper-filters``): max - min over steps > 1e-4 (from the
+  running min/max of d), and at least 4 distinct values. Distinct values are
+  counted exactly but capped: besides the first value we remember the first
+  two *other* bit patterns seen (v1, v2) and a flag set when a fourth distinct
+  pattern appears (-0.0 is folded into +0.0, so values, not bits, count).
+  That is exact for the threshold and costs 2 raw values + 1 byte per element,
+  where a change counter would over-count values that come back.
+
+Every update is elementwise and applied step by step in step order, so a
+fit updated one appended step at a time is bitwise identical to a fit from
+scratch, whatever the blocking.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+import numpy as np
+
+MIN_CHANGE = 1e-4  # authors' filter: max - min over steps must exceed this
+MIN_DISTINCT = 4  # authors' filter: at least this many distinct values
+TILE = 1 << 16  # values per (k steps x elements) tile: its float64 slabs stay in cache
+TILE_MIN = 1024  # elements per tile at least, however many steps
+SIGN_WORD_BITS = 64
+SIGN_BLOCK = 256  # elements per Philox counter increment (4 words of 64 bits)
+
+
+def bits_dtype(dtype: np.dtype) -> np.dtype:
+    """Unsigned integer dtype of the same width, used to compare values bit-exactly."""
+    return np.dtype(f"u{np.dtype(dtype).itemsize}")
+
+
+def _neg_zero(dtype: np.dtype) -> int | None:
+    """Bit pattern of -0.0 for float dtypes (bf16 included), None for integers and bool."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f" or (dtype.kind == "V" and dtype.itemsize <= 2):  # ml_dtypes floats
+        return 1 << (8 * dtype.itemsize - 1)
+    return None
+
+
+@dataclass(frozen=True)
+class XStats:
+    """The x-side sums shared by every element of a fit (x = step - first step)."""
+
+    n: int
+    sx: float
+    sxx: float
+    x0: int  # first step of the window (x = step - x0)
+
+    @staticmethod
+    def from_steps(steps: Sequence[int]) -> XStats:
+        """Accumulate in step order, exactly as the element sums are, so updates match."""
+        x0 = int(steps[0])
+        sx = 0.0
+        sxx = 0.0
+        for s in steps:
+            x = float(s - x0)
+            sx += x
+            sxx += x * x
+        return XStats(len(steps), sx, sxx, x0)
+
+    @property
+    def centred_sxx(self) -> float:
+        return self.sxx - self.sx * self.sx / self.n
+
+
+F64_FIELDS = ("sd", "sxd", "sdd", "se", "sxe", "see", "e", "dmin", "dmax")
+RAW_FIELDS = ("w0", "wlast", "v1", "v2")
+BOOL_FIELDS = ("has4",)
+BITS_FIELDS = RAW_FIELDS + BOOL_FIELDS
+
+
+def _row(table: str, i: int) -> property:
+    return property(lambda self: getattr(self, table)[i], doc=f"row {i} of ``{table}``")
+
+
+@dataclass
+class FitState:
+    """Per-element running state of one block of elements: two 2-D arrays, stored as they are.
+
+    ``f64`` (9, m) holds the float64 sums, one row per ``F64_FIELDS``; ``bits``
+    (5, m) holds raw bit patterns of the logical dtype (bf16 as uint16), one
+    row per ``RAW_FIELDS``, then ``has4`` as 0/1. The state stores and reloads
+    bit-exactly, and a piece is written without restacking. Each field is a
+    row view (``state.sd``, ``state.w0``, ...).
+    """
+
+    f64: np.ndarray
+    bits: np.ndarray
+
+    sd = _row("f64", 0)
+    sxd = _row("f64", 1)
+    sdd = _row("f64", 2)
+    se = _row("f64", 3)
+    sxe = _row("f64", 4)
+    see = _row("f64", 5)
+    e = _row("f64", 6)  # current value of the sign-flipped path
+    dmin = _row("f64", 7)
+    dmax = _row("f64", 8)
+    w0 = _row("bits", 0)  # raw bits of the first value
+    wlast = _row("bits", 1)  # raw bits of the latest value
+    v1 = _row("bits", 2)  # raw bits of the 2nd distinct value (== w0 while unseen)
+    v2 = _row("bits", 3)  # raw bits of the 3rd distinct value (== w0 while unseen)
+    has4 = _row("bits", 4)  # 1 once a 4th distinct value was seen, else 0
+
+    def __post_init__(self) -> None:
+        self.f64 = np.ascontiguousarray(self.f64, np.float64).reshape(len(F64_FIELDS), -1)
+        self.bits = np.ascontiguousarray(self.bits).reshape(len(BITS_FIELDS), -1)
+        if self.f64.shape[1] != self.bits.shape[1]:
+            raise ValueError("f64 and bits state disagree on the number of elements")
+
+    @property
+    def size(self) -> int:
+        return int(self.f64.shape[1])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {f: getattr(self, f) for f in FitState.field_names()}
+
+    @staticmethod
+    def field_names() -> tuple[str, ...]:
+        return F64_FIELDS + BITS_FIELDS
+
+    @staticmethod
+    def from_arrays(arrays: dict[str, np.ndarray]) -> FitState:
+        raw = [np.asarray(arrays[f]).reshape(-1) for f in RAW_FIELDS]
+        bits = np.stack([*raw, np.asarray(arrays["has4"]).reshape(-1).astype(raw[0].dtype)])
+        return FitState(np.stack([np.asarray(arrays[f], np.float64).reshape(-1)
+                                  for f in F64_FIELDS]), bits)
+
+
+def state_nbytes_per_element(dtype: np.dtype) -> int:
+    """Bytes of state kept per element for a logical dtype (for planning and docs)."""
+    return len(BITS_FIELDS) * np.dtype(dtype).itemsize + len(F64_FIELDS) * 8
+
+
+def init_state(w: np.ndarray) -> FitState:
+    """State after the first step of the window: d = 0, e = 0, nothing seen but w0."""
+    w = np.ascontiguousarray(w).reshape(-1)
+    b = _normalised_bits(w)
+    bits = np.empty((len(BITS_FIELDS), b.shape[0]), b.dtype)
+    bits[: len(RAW_FIELDS)] = b
+    bits[len(RAW_FIELDS)] = 0
+    return FitState(np.zeros((len(F64_FIELDS), b.shape[0]), np.float64), bits)
+
+
+def _normalised_bits(w: np.ndarray) -> np.ndarray:
+    """Bit patterns of ``w`` with -0.0 folded into +0.0 (a copy)."""
+    b = w.view(bits_dtype(w.dtype)).copy()
+    negz = _neg_zero(w.dtype)
+    if negz is not None:
+        b[b == negz] = 0
+    return b
+
+
+def sign_key(seed: int, tensor: str, step: int) -> tuple[int, int]:
+    """128-bit Philox key for one (seed, tensor, step): stable across processes and runs."""
+    h = hashlib.blake2b(f"{seed}\x00{tensor}\x00{step}".encode(), digest_size=16).digest()
+    return int.from_bytes(h[:8], "little"), int.from_bytes(h[8:], "little")
+
+
+def flip_mask(seed: int, tensor: str, step: int, start: int, stop: int,
+              out: np.ndarray | None = None) -> np.ndarray:
+    """Booleans for flat elements [start, stop): True where the null increment is negated.
+
+    Counter-based: element i uses bit i of the Philox stream for this key, so
+    any block of the tensor gets the same signs as the whole tensor would.
+    ``out`` (bool, stop - start) receives the mask instead of a new array.
+    """
+    first_block = start // SIGN_BLOCK
+    skip = start - first_block * SIGN_BLOCK
+    n_blocks = -(-(stop - first_block * SIGN_BLOCK) // SIGN_BLOCK)
+    # Philox with counter c yields block c of the stream that starts at counter 0
+    gen = np.random.Philox(key=list(sign_key(seed, tensor, step)), counter=[first_block, 0, 0, 0])
+    words = gen.random_raw(4 * n_blocks)
+    bits = np.unpackbits(words.astype("<u8").view(np.uint8), bitorder="little")
+    mask = bits[skip: skip + (stop - start)].view(bool)
+    if out is None:
+        return mask
+    np.copyto(out, mask)
+    return out
+
+
+def flip_masks(seed: int, tensor: str, steps: Sequence[int], start: int,
+               stop: int) -> np.ndarray:
+    """``flip_mask`` of several steps as one (len(steps), stop - start) bool array."""
+    out = np.empty((len(steps), stop - start), bool)
+    for j, s in enumerate(steps):
+        flip_mask(seed, tensor, s, start, stop, out=out[j])
+    return out
+
+
+def tile_width(k: int, m: int) -> int:
+    """Elements per tile when ``k`` steps are applied at once: about ``TILE`` values per tile."""
+    return max(1, min(m, max(TILE_MIN, TILE // max(k, 1))))
+
+
+class _Scratch:
+    """Reusable (k, tile) buffers so the tile loop allocates nothing."""
+
+    def __init__(self, k: int, n: int, bits: np.dtype) -> None:
+        self.k, self.n = k, n
+        self.d = np.empty(k * n, np.float64)  # deltas d_j
+        self.e = np.empty(k * n, np.float64)  # null path e_j
+        self.p = np.empty(k * n, np.float64)  # products
+        self.b = np.empty(k * n, bits)  # normalised bit patterns
+        self.w = np.empty(k * n, bits)
+        self.new = np.empty(k * n, bool)
+        self.c = np.empty(k * n, bool)
+        self.flip = np.empty(k * n, np.uint8)
+        self.w0f = np.empty(n, np.float64)
+        self.r = np.empty(n, np.float64)
+        self.hi = np.empty(n, bits)
+        self.lo = np.empty(n, bits)
+        self.m = [np.empty(n, bool) for _ in range(4)]
+
+    def view(self, name: str, n: int) -> np.ndarray:
+        return getattr(self, name)[: self.k * n].reshape(self.k, n)
+
+
+def update(state: FitState, values: np.ndarray, xs: Sequence[float],
+           flips: np.ndarray | Sequence[np.ndarray]) -> None:
+    """Add steps to ``state`` in place: ``values`` is (k, m) in the logical dtype.
+
+    ``xs[j]`` is step_j - first step; ``flips[j]`` the null-path signs for step j
+    (see ``flip_mask``; a (k, m) bool array or k arrays). Steps must come in
+    increasing order after the ones already in ``state``. All k steps of a
+    tile of elements are applied at once (a (k, tile) slab, so each numpy
+    call does k times the work of one step); the float64 sums are still
+    added into the state one step after the other, so a fit updated one
+    appended step at a time is bitwise identical to a fit from scratch.
+    """
+    values = np.asarray(values)
+    k, m = values.shape[0], state.size
+    if k == 0:
+        return
+    values = values.reshape(k, m)
+    if len(xs) != k or len(flips) != k:
+        raise ValueError(f"{k} steps of values but {len(xs)} xs and {len(flips)} flip masks")
+    dtype = values.dtype
+    bdt = bits_dtype(dtype)
+    x = np.asarray(xs, np.float64).reshape(k, 1)
+    nz = _neg_zero(dtype)
+    tile = tile_width(k, m)
+    s = _Scratch(k, tile, bdt)
+    for lo in range(0, m, tile):
+        hi = min(lo + tile, m)
+        _update_tile(state, lo, hi, values[:, lo:hi], x, [f[lo:hi] for f in flips], s, nz)
+    np.copyto(state.wlast, values[k - 1].view(bdt))
+
+
+def _update_tile(state: FitState, lo: int, hi: int, vals: np.ndarray, x: np.ndarray,
+                 flips: list[np.ndarray], s: _Scratch, negz: int | None) -> None:
+    """``update`` on elements [lo, hi): ``vals`` is the (k, hi - lo) slab in the logical dtype."""
+    n, k = hi - lo, vals.shape[0]
+    dtype = vals.dtype
+    d, ee, p = s.view("d", n), s.view("e", n), s.view("p", n)
+    w0f, r = s.w0f[:n], s.r[:n]
+    f64 = state.f64[:, lo:hi]
+    sd, sxd, sdd, se, sxe, see, e, dmin, dmax = f64
+    # the fit: deltas from the first value, float64 (every logical dtype widens exactly)
+    np.copyto(w0f, state.w0[lo:hi].view(dtype), casting="unsafe")
+    np.copyto(d, vals, casting="unsafe")
+    np.subtract(d, w0f, out=d)
+    # the null: same increments, random signs, e_j = e_{j-1} + inc_j (a running sum over j)
+    np.copyto(r, state.wlast[lo:hi].view(dtype), casting="unsafe")
+    np.subtract(r, w0f, out=r)  # d of the last step already in the state
+    np.subtract(d[0], r, out=ee[0])
+    np.subtract(d[1:], d[:-1], out=ee[1:])
+    # negate by flipping the IEEE sign bit (the top bit of byte 7, little-endian)
+    flip = s.view("flip", n)
+    for j in range(k):
+        np.left_shift(flips[j].view(np.uint8), 7, out=flip[j])
+    top = ee.view(np.uint8).reshape(k, n, 8)[:, :, 7]
+    np.bitwise_xor(top, flip, out=top)
+    np.add(e, ee[0], out=ee[0])
+    for j in range(1, k):
+        np.add(ee[j - 1], ee[j], out=ee[j])
+    np.copyto(e, ee[k - 1])
+    # sufficient statistics, added into the state step after step (same order as k = 1)
+    for src, s1, sx1, s2 in ((d, sd, sxd, sdd), (ee, se, sxe, see)):
+        for j in range(k):
+            np.add(s1, src[j], out=s1)
+        np.multiply(src, x, out=p)
+        for j in range(k):
+            np.add(sx1, p[j], out=sx1)
+        np.multiply(src, src, out=p)
+        for j in range(k):
+            np.add(s2, p[j], out=s2)
+    np.minimum.reduce(d, axis=0, out=r)
+    np.minimum(dmin, r, out=dmin)
+    np.maximum.reduce(d, axis=0, out=r)
+    np.maximum(dmax, r, out=dmax)
+    _update_distinct(state, lo, hi, vals, s, negz)
+
+
+def _update_distinct(state: FitState, lo: int, hi: int, vals: np.ndarray, s: _Scratch,
+                     negz: int | None) -> None:
+    """Distinct values, capped at 4 (bit patterns, -0.0 folded into +0.0), for k steps at once.
+
+    Values not yet in {w0, v1, v2} are "new". Which new values fill the empty
+    slots does not matter for the count, only that they are distinct: the
+    largest and the smallest new bit pattern are two distinct values when
+    they differ, and a new value equal to neither is a third. So per element
+    (slots fill in order, so v2 is empty whenever v1 is):
+
+    * both slots empty: v1 = largest, v2 = smallest if different, a 4th if a third exists;
+    * only v2 empty: v2 = largest, a 4th if the smallest differs;
+    * both full: a 4th if anything is new.
+    """
+    n = hi - lo
+    b, w, new, c = s.view("b", n), s.view("w", n), s.view("new", n), s.view("c", n)
+    w0b, v1, v2, has4 = state.w0[lo:hi], state.v1[lo:hi], state.v2[lo:hi], state.has4[lo:hi]
+    np.copyto(b, vals.view(b.dtype))
+    if negz is not None:
+        np.equal(b, b.dtype.type(negz), out=c)
+        np.copyto(b, 0, where=c)
+    np.not_equal(b, w0b, out=new)
+    np.not_equal(b, v1, out=c)
+    np.logical_and(new, c, out=new)
+    np.not_equal(b, v2, out=c)
+    np.logical_and(new, c, out=new)
+    any_new, two, empty1, empty2 = (a[:n] for a in s.m)
+    np.logical_or.reduce(new, axis=0, out=any_new)
+    if not any_new.any():
+        return
+    # largest new pattern: max of b * new (0 where not new; all patterns are >= 0)
+    big, small = s.hi[:n], s.lo[:n]
+    np.multiply(b, new, out=w)
+    np.maximum.reduce(w, axis=0, out=big)
+    # smallest new pattern: ~max(~b * new)
+    np.invert(b, out=w)
+    np.multiply(w, new, out=w)
+    np.maximum.reduce(w, axis=0, out=small)
+    np.invert(small, out=small)
+    np.not_equal(big, small, out=two)
+    np.logical_and(two, any_new, out=two)
+    # a third new value: new and equal to neither
+    np.not_equal(b, big, out=c)
+    np.logical_and(new, c, out=new)
+    np.not_equal(b, small, out=c)
+    np.logical_and(new, c, out=new)
+    three = np.logical_or.reduce(new, axis=0)
+    np.equal(v1, w0b, out=empty1)
+    np.equal(v2, w0b, out=empty2)
+    # the 4th-value flag, from the slots as they were before this update
+    four = np.where(empty1, three, np.where(empty2, two, any_new))
+    np.logical_or(has4, four, out=has4, casting="unsafe")
+    # fill the slots
+    np.copyto(v2, small, where=empty1 & two)
+    np.copyto(v2, big, where=~empty1 & empty2 & any_new)
+    np.copyto(v1, big, where=empty1 & any_new)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """Per-element results of one block (float64 until written)."""
+
+    slope: np.ndarray
+    intercept: np.ndarray
+    r2: np.ndarray  # NaN where static
+    null_r2: np.ndarray  # NaN where static
+    static: np.ndarray  # bool: never moved in the window
+    moved_enough: np.ndarray  # bool: max - min > MIN_CHANGE
+    distinct4: np.ndarray  # bool: at least MIN_DISTINCT distinct values
+    nonfinite: np.ndarray  # bool: a NaN or inf value somewhere in the window
+
+
+def r_squared(sxy: np.ndarray, sxx: float, syy: np.ndarray,
+              out: np.ndarray | None = None) -> np.ndarray:
+    """THE coefficient of determination: Sxy² / (Sxx Syy), NaN where Syy == 0, clipped to [0,1].
+
+    Clipping only removes float64 rounding (|r| can exceed 1 by ~1e-16).
+    """
+    r2 = np.multiply(sxy, sxy, out=out)
+    den = sxx * syy
+    with np.errstate(divide="ignore", invalid="ignore"):
+        np.divide(r2, den, out=r2)
+    np.clip(r2, 0.0, 1.0, out=r2)
+    np.copyto(r2, np.nan, where=~(syy > 0))
+    return r2
+
+
+FINALIZE_TILE = 1 << 15  # elements per finalize tile: temporaries stay in cache
+
+
+def finalize(state: FitState, xst: XStats, dtype: np.dtype) -> Fit:
+    """Slope, intercept, R² (real and null) and filter masks from the sufficient statistics."""
+    if xst.n < 2:
+        raise ValueError("a fit needs at least 2 steps")
+    m = state.size
+    out = Fit(*(np.empty(m, np.float64) for _ in range(4)),
+              *(np.empty(m, bool) for _ in range(4)))
+    for lo in range(0, m, FINALIZE_TILE):
+        _finalize_tile(state, xst, np.dtype(dtype), out, lo, min(lo + FINALIZE_TILE, m))
+    return out
+
+
+def _finalize_tile(state: FitState, xst: XStats, dtype: np.dtype, out: Fit, lo: int,
+                   hi: int) -> None:
+    n = float(xst.n)
+    sxx = xst.centred_sxx
+    sd, sxd, sdd, se, sxe, see, _, dmin, dmax = state.f64[:, lo:hi]
+    static = np.equal(sdd, 0.0, out=out.static[lo:hi])
+    t = np.multiply(xst.sx, sd)
+    t /= n
+    sxy = np.subtract(sxd, t)  # Sxy = Σxd - Σx Σd / n
+    np.multiply(sd, sd, out=t)
+    t /= n
+    syy = np.subtract(sdd, t)  # Syy = Σd² - (Σd)² / n
+    syy[static] = 0.0
+    slope = np.divide(sxy, sxx, out=out.slope[lo:hi])
+    # intercept = w0 + a - slope * x0, with a = (Σd - slope Σx) / n the delta at x = 0
+    np.multiply(slope, xst.sx, out=t)
+    np.subtract(sd, t, out=t)
+    t /= n
+    icpt = out.intercept[lo:hi]
+    np.copyto(icpt, state.w0[lo:hi].view(dtype), casting="unsafe")
+    icpt += t
+    np.multiply(slope, float(xst.x0), out=t)
+    icpt -= t
+    r_squared(sxy, sxx, syy, out=out.r2[lo:hi])
+    # the null path: same sums of e
+    np.multiply(xst.sx, se, out=t)
+    t /= n
+    np.subtract(sxe, t, out=sxy)
+    np.multiply(se, se, out=t)
+    t /= n
+    np.subtract(see, t, out=syy)
+    syy[static] = 0.0
+    r_squared(sxy, sxx, syy, out=out.null_r2[lo:hi])
+    np.not_equal(state.has4[lo:hi], 0, out=out.distinct4[lo:hi])  # w0, v1, v2 and a 4th
+    np.subtract(dmax, dmin, out=t)
+    np.greater(t, MIN_CHANGE, out=out.moved_enough[lo:hi])
+    np.isfinite(sdd, out=out.nonfinite[lo:hi])
+    np.logical_not(out.nonfinite[lo:hi], out=out.nonfinite[lo:hi])
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which elements enter the histograms of one selection, and what removed the rest."""
+
+    mask: np.ndarray
+    removed_min_change: int  # moving elements removed by the max-min filter
+    removed_distinct: int  # then removed by the distinct-values filter
+
+
+def select(fit: Fit, paper_filters: bool) -> Selection:
+    """Moving elements (all non-static), or those passing the authors' filters in their order."""
+    # NaN/inf weights (kept bit-exact by the store) give a non-finite R²: never binned; they
+    # show up as n_elements - n_static - n_selected of the "moving" selection
+    moving = ~fit.static & np.isfinite(fit.r2)
+    if not paper_filters:
+        return Selection(moving, 0, 0)
+    after_change = moving & fit.moved_enough
+    after_distinct = after_change & fit.distinct4
+    return Selection(after_distinct, int(moving.sum() - after_change.sum()),
+                     int(after_change.sum() - after_distinct.sum()))
+
+
+def bin_edges(n_bins: int) -> np.ndarray:
+    """Fixed edges on [0, 1] so histograms add across blocks, tensors, layers and runs."""
+    return np.linspace(0.0, 1.0, n_bins + 1)
+
+
+def histogram(r2: np.ndarray, mask: np.ndarray, n_bins: int) -> np.ndarray:
+    """Counts of ``r2[mask]`` in ``n_bins`` equal bins on [0, 1]; R² = 1 goes in the last bin."""
+    v = r2[mask]
+    idx = np.minimum((v * n_bins).astype(np.int64), n_bins - 1)
+    return np.bincount(idx, minlength=n_bins).astype(np.int64)
+
+
+THRESHOLDS = (0.7, 0.9)
+
+
+@dataclass(frozen=True)
+class BlockSummary:
+    """Additive summary of one block for one selection: histograms and exact counts."""
+
+    hist: np.ndarray
+    null_hist: np.ndarray
+    n_selected: int
+    r2_sum: float
+    null_sum: float
+    n_above: tuple[int, ...]  # per THRESHOLDS, exact (not from bins)
+    null_above: tuple[int, ...]
+
+
+def summarize(fit: Fit, sel: Selection, n_bins: int) -> BlockSummary:
+    """Histograms and exact sums/counts over the selected elements of one block."""
+    r2, nr2 = fit.r2[sel.mask], fit.null_r2[sel.mask]
+    return BlockSummary(
+        hist=histogram(fit.r2, sel.mask, n_bins),
+        null_hist=histogram(fit.null_r2, sel.mask, n_bins),
+        n_selected=int(sel.mask.sum()),
+        r2_sum=float(r2.sum()),
+        null_sum=float(nr2.sum()),
+        n_above=tuple(int((r2 > t).sum()) for t in THRESHOLDS),
+        null_above=tuple(int((nr2 > t).sum()) for t in THRESHOLDS),
+    )
+
+
+def hist_median(hist: np.ndarray) -> float:
+    """Median of a fixed-bin histogram on [0, 1], interpolated linearly inside its bin."""
+    total = hist.sum()
+    if total == 0:
+        return float("nan")
+    cum = np.cumsum(hist)
+    half = total / 2.0
+    i = int(np.searchsorted(cum, half))
+    below = cum[i - 1] if i else 0
+    width = 1.0 / hist.shape[0]
+    return float((i + (half - below) / hist[i]) * width)

@@ -1,0 +1,214 @@
+"""Fit results on disk (zarr v3) and ``open_fit``: the only place the fit does I/O.
+
+::
+
+    run.fit/                     beside ``run.zarr`` (or the catalog's outputs/fit)
+      elements.zarr/             attrs["rlvr_lin_fit"]: steps fitted, window, x sums, seed,
+                                 block size, tensor table, ``complete`` (set last)
+        tensors/<escaped>/       slope, intercept, r2, null_r2: float32, the tensor's shape,
+                                 dims dim_0.. (r2 and null_r2 are NaN where static)
+        state/<escaped>/         f64 (9, *shape) and bits (5, *shape): the sufficient
+                                 statistics that let an appended step update the fit
+      histograms.zarr/           groups ``moving`` and ``paper``: xarray Datasets (tensor x bin)
+      summary_*.csv              per tensor, per layer x module, overall
+
+Each fit task writes whole chunks of its own pieces only, so tasks never
+race, and a task re-run after a worker died rewrites the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from pipeline.checkpoints.format import logical_dtype
+from pipeline.errors import PipelineError
+from pipeline.fit.kernels import BOOL_FIELDS, RAW_FIELDS, FitState, bits_dtype
+from pipeline.store.naming import escape_name
+
+SCHEMA_VERSION = 1
+ATTRS_KEY = "rlvr_lin_fit"
+ELEMENTS = "elements.zarr"
+HISTOGRAMS = "histograms.zarr"
+RESULT_FIELDS = ("slope", "intercept", "r2", "null_r2")
+F64_FIELDS = tuple(f for f in FitState.field_names() if f not in RAW_FIELDS + BOOL_FIELDS)
+BITS_FIELDS = RAW_FIELDS + BOOL_FIELDS
+SELECTIONS = ("moving", "paper")
+
+
+def fit_dir_for(store: str | Path) -> Path:
+    """Default fit folder of a store: ``run.zarr`` -> ``run.fit`` beside it."""
+    store = Path(store)
+    stem = store.name[:-5] if store.name.endswith(".zarr") else store.name
+    return store.with_name(stem + ".fit")
+
+
+def _dims(ndim: int) -> list[str]:
+    return [f"dim_{i}" for i in range(ndim)]
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """How one tensor is laid out in the fit: rows per chunk = rows per fit piece."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    chunk_rows: int
+
+    @property
+    def path(self) -> str:
+        return escape_name(self.name)
+
+    def chunks(self) -> tuple[int, ...]:
+        if not self.shape:
+            return ()
+        return (max(1, min(self.chunk_rows, self.shape[0])), *(max(s, 1) for s in self.shape[1:]))
+
+
+def read_meta(fit_dir: str | Path) -> dict[str, Any] | None:
+    """The fit's metadata, or None when there is no fit there."""
+    p = Path(fit_dir) / ELEMENTS / "zarr.json"
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text())["attributes"][ATTRS_KEY]
+    except (ValueError, KeyError):
+        return None
+
+
+def write_meta(fit_dir: str | Path, meta: dict[str, Any]) -> None:
+    g = zarr.open_group(str(Path(fit_dir) / ELEMENTS), mode="r+")
+    g.attrs[ATTRS_KEY] = meta
+
+
+def create_fit(fit_dir: str | Path, tensors: list[TensorPlan], meta: dict[str, Any]) -> None:
+    """Create every array of a fresh fit (metadata only; tasks fill the chunks)."""
+    root = zarr.open_group(str(Path(fit_dir) / ELEMENTS), mode="w")
+    root.attrs[ATTRS_KEY] = meta
+    tg = root.create_group("tensors")
+    sg = root.create_group("state")
+    for t in tensors:
+        chunks = t.chunks()
+        g = tg.create_group(t.path)
+        for f in RESULT_FIELDS:
+            g.create_array(f, shape=t.shape, chunks=chunks or None, dtype="float32",
+                           fill_value=np.nan, dimension_names=_dims(len(t.shape)))
+        s = sg.create_group(t.path)
+        s.create_array("f64", shape=(len(F64_FIELDS), *t.shape),
+                       chunks=(len(F64_FIELDS), *chunks), dtype="float64", fill_value=0.0,
+                       dimension_names=["field", *_dims(len(t.shape))])
+        s.create_array("bits", shape=(len(BITS_FIELDS), *t.shape),
+                       chunks=(len(BITS_FIELDS), *chunks),
+                       dtype=bits_dtype(logical_dtype(t.dtype)), fill_value=0,
+                       dimension_names=["field", *_dims(len(t.shape))])
+
+
+def _region(shape: tuple[int, ...], rows: slice | None) -> tuple:
+    return (rows,) if shape and rows is not None else ()
+
+
+def write_piece(fit_dir: str | Path, t: TensorPlan, rows: slice | None,
+                results: dict[str, np.ndarray], state: FitState) -> None:
+    """Write one piece's results (float32) and state; rows are a whole number of chunks."""
+    root = Path(fit_dir) / ELEMENTS
+    reg = _region(t.shape, rows)
+    block = np.empty(t.shape)[reg].shape if t.shape else ()
+    for f in RESULT_FIELDS:
+        arr = zarr.open_array(str(root), path=f"tensors/{t.path}/{f}", mode="r+")
+        arr[reg] = results[f].astype(np.float32).reshape(block)
+    arrays = state.arrays()
+    f64 = np.stack([arrays[f] for f in F64_FIELDS]).reshape(len(F64_FIELDS), *block)
+    bdt = bits_dtype(logical_dtype(t.dtype))
+    bits = np.stack([arrays[f].astype(bdt) for f in BITS_FIELDS]).reshape(
+        len(BITS_FIELDS), *block)
+    zarr.open_array(str(root), path=f"state/{t.path}/f64", mode="r+")[(slice(None), *reg)] = f64
+    zarr.open_array(str(root), path=f"state/{t.path}/bits", mode="r+")[
+        (slice(None), *reg)] = bits
+
+
+def read_state(fit_dir: str | Path, t: TensorPlan, rows: slice | None) -> FitState:
+    """The stored sufficient statistics of one piece, bit-exact."""
+    root = Path(fit_dir) / ELEMENTS
+    reg = (slice(None), *_region(t.shape, rows))
+    f64 = np.asarray(zarr.open_array(str(root), path=f"state/{t.path}/f64", mode="r")[reg])
+    bits = np.asarray(zarr.open_array(str(root), path=f"state/{t.path}/bits", mode="r")[reg])
+    arrays = {f: f64[i].reshape(-1) for i, f in enumerate(F64_FIELDS)}
+    arrays.update({f: bits[i].reshape(-1) for i, f in enumerate(RAW_FIELDS)})
+    arrays["has4"] = bits[len(RAW_FIELDS)].reshape(-1).astype(bool)
+    return FitState.from_arrays(arrays)
+
+
+class FitResult:
+    """A finished fit: ``fit[name]`` is an xarray Dataset with slope, intercept, r2, null_r2.
+
+    Arrays are lazy (dask-backed), so a large model's fit opens instantly.
+    ``histograms(selection)`` gives the R² histograms ("moving": every element
+    that moved; "paper": after the authors' filters).
+    """
+
+    def __init__(self, fit_dir: str | Path) -> None:
+        self.path = Path(fit_dir)
+        meta = read_meta(self.path)
+        if meta is None:
+            raise PipelineError("no fit found (run `rlvr-lin fit` first)", self.path)
+        if not meta.get("complete"):
+            raise PipelineError("fit is incomplete (interrupted); run `rlvr-lin fit` again",
+                                self.path)
+        self.meta = meta
+
+    @property
+    def steps(self) -> list[int]:
+        return list(self.meta["steps"])
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return list(self.meta["tensors"])
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.meta["tensors"]
+
+    def __getitem__(self, name: str) -> Any:
+        import xarray as xr
+
+        if name not in self.meta["tensors"]:
+            raise KeyError(name)
+        ds = xr.open_zarr(str(self.path / ELEMENTS), group=f"tensors/{escape_name(name)}",
+                          consolidated=False, zarr_format=3)
+        ds.attrs.update(tensor=name, steps=self.steps, window=self.meta["window"])
+        return ds
+
+    def histograms(self, selection: str = "moving") -> Any:
+        """R² histograms (tensor x bin) of one selection, with layer/module coordinates."""
+        import xarray as xr
+
+        if selection not in SELECTIONS:
+            raise PipelineError(f"unknown selection {selection!r} (expected one of {SELECTIONS})")
+        return xr.open_zarr(str(self.path / HISTOGRAMS), group=selection, consolidated=False,
+                            zarr_format=3).load()
+
+    def __repr__(self) -> str:
+        return (f"FitResult({str(self.path)!r}, steps={self.steps}, "
+                f"tensors={len(self.tensor_names)})")
+
+
+def resolve_fit_dir(target: str | Path) -> Path:
+    """A fit folder, a store (-> its sibling fit), or a catalog name (-> outputs/fit)."""
+    from pipeline.catalog import is_catalog_name, lookup
+
+    p = Path(target)
+    if read_meta(p) is not None:
+        return p
+    if isinstance(target, str) and is_catalog_name(target):
+        return lookup(target).outputs / "fit"
+    return fit_dir_for(p)
+
+
+def open_fit(store: str | Path) -> FitResult:
+    """Open the per-element fit of a store (or a fit folder, or a catalog entry name)."""
+    return FitResult(resolve_fit_dir(store))

@@ -1,0 +1,65 @@
+"""Where fit tasks read blocks from: the one adapter between the fit and the run store.
+
+A task never receives an open store (it may run on another machine); it gets
+a small picklable *reference* and opens it where it runs. ``StoreRef`` opens
+``pipeline.open_run``; anything with the same five methods works (tests wrap
+it to slow reads down or to count them).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+
+class BlockSource(Protocol):
+    """What the fit needs from a run: ``pipeline.store.reader.RunStore`` satisfies it."""
+
+    @property
+    def steps(self) -> list[int]: ...
+
+    @property
+    def tensor_names(self) -> list[str]: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def dtype(self, name: str) -> str: ...
+
+    def chunk_rows(self, name: str) -> int: ...
+
+    def read_block(self, name: str, steps: slice | list[int] | None = None,
+                   rows: slice | None = None) -> np.ndarray: ...
+
+
+class SourceRef(Protocol):
+    """A picklable handle that opens a ``BlockSource``.
+
+    ``n_steps=None`` asks for the latest committed steps (the driver); an
+    integer asks for a snapshot holding at least that many (a task).
+    """
+
+    def open(self, n_steps: int | None = None) -> BlockSource: ...
+
+
+@functools.lru_cache(maxsize=8)
+def _open_store(path: str) -> BlockSource:
+    from pipeline.store.reader import open_run
+
+    return open_run(path)
+
+
+@dataclass(frozen=True)
+class StoreRef:
+    """Reference to an ingested run store, opened once per worker process."""
+
+    path: str
+
+    def open(self, n_steps: int | None = None) -> BlockSource:
+        src = _open_store(str(Path(self.path).resolve()))
+        if n_steps is None or len(src.steps) < n_steps:  # cached snapshot may be older
+            src.refresh()  # type: ignore[attr-defined]
+        return src

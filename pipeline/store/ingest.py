@@ -1,0 +1,358 @@
+"""Ingest a run's checkpoints into its store, once or while training continues (``watch``).
+
+Order of work for each new step (see ``layout`` for the files):
+validate every header and the tensor table against the store (nothing is
+written for a bad checkpoint), grow arrays by one position, write the
+step's chunks with Dask tasks that read row blocks straight from the files,
+check the checkpoint did not change while being read, then commit. A crash
+anywhere before the commit leaves the step invisible; re-running the same
+command rewrites that position from scratch.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.checkpoints.discover import Checkpoint, discover_checkpoints
+from pipeline.checkpoints.reader import CheckpointReader
+from pipeline.errors import PipelineError
+from pipeline.store.integrity import snapshot, store_bytes, store_lock
+from pipeline.store.layout import (
+    DEFAULT_BLOCK_BYTES,
+    DEFAULT_CHUNK_BYTES,
+    chunk_rows,
+    group_tasks,
+    plan_pieces,
+)
+from pipeline.store.naming import check_names
+from pipeline.store.state import StoreState
+from pipeline.store.tasks import BlockResult, PieceSpec, digest_task, write_block
+
+
+class NonFiniteWarning(UserWarning):
+    """A checkpoint holds NaN or inf values (stored bit-exact, and listed in the store)."""
+
+
+@dataclass
+class IngestReport:
+    """What one ``ingest`` call did, for the CLI's table and for tests."""
+
+    store: Path
+    ingested: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)  # all committed steps afterwards
+    ingested_bytes: int = 0  # checkpoint bytes read this call
+    checkpoint_bytes: int = 0  # weight-file bytes of all committed steps
+    store_bytes: int = 0
+    seconds: float = 0.0
+    nonfinite: dict[int, dict[str, list[int]]] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        """Store bytes / checkpoint bytes (lower is better)."""
+        return self.store_bytes / self.checkpoint_bytes if self.checkpoint_bytes else float("nan")
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    step_pattern: str | None = None
+    allow_pickle: bool = False
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    block_bytes: int = DEFAULT_BLOCK_BYTES
+    progress: bool = True
+
+
+# -- pure checks ---------------------------------------------------------------------------------
+
+Table = dict[str, tuple[str, tuple[int, ...]]]  # tensor name -> (logical dtype, shape)
+
+def tensor_table(reader: CheckpointReader) -> Table:
+    return {n: (i.dtype, i.shape) for n, i in reader.tensors.items()}
+
+
+def check_table(expected: Table, table: Table, folder: Path) -> None:
+    """A later step must hold exactly the stored tensors, with the same shapes and dtypes."""
+    for name, (want_dtype, want_shape) in expected.items():
+        if name not in table:
+            raise PipelineError(f"tensor {name!r} is missing (the stored steps have it)", folder)
+        dtype, shape = table[name]
+        if dtype != want_dtype:
+            raise PipelineError(f"tensor {name!r} has dtype {dtype}, the stored steps have "
+                                f"{want_dtype}", folder)
+        if tuple(shape) != tuple(want_shape):
+            raise PipelineError(f"tensor {name!r} has shape {list(shape)}, the stored steps "
+                                f"have {list(want_shape)}", folder)
+    extra = sorted(set(table) - set(expected))
+    if extra:
+        raise PipelineError(f"tensor {extra[0]!r} is not in the stored steps", folder)
+
+
+def check_order(stored: list[int], pending: list[Checkpoint]) -> None:
+    if stored and pending and pending[0].step < stored[-1]:
+        raise PipelineError(f"step {pending[0].step} is older than the last stored step "
+                            f"{stored[-1]}; the store is append-only", pending[0].path)
+
+
+# -- Dask ----------------------------------------------------------------------------------------
+
+@contextmanager
+def _client(client: Any, scheduler: str | None) -> Iterator[Any]:
+    if client is not None:
+        yield client
+        return
+    from pipeline.compute import dask_client
+
+    with dask_client(scheduler) as c:
+        yield c
+
+
+def _digests(client: Any, files: list[Path]) -> dict[str, tuple[int, str]]:
+    futs = client.map(digest_task, [str(f) for f in files], pure=False)
+    return {Path(p).name: (size, d) for p, size, d in client.gather(futs)}
+
+
+def _write_step(client: Any, state: StoreState, index: int, reader: CheckpointReader,
+                opts: IngestOptions, bar: Any) -> tuple[int, dict[str, list[int]]]:
+    """Submit one task per block of about ``block_bytes``; returns bytes read and NaN/inf."""
+    from distributed import as_completed
+
+    pieces = []
+    # file, then offset order: each task reads a contiguous stretch of one file where it can
+    infos = sorted(reader.tensors.values(), key=lambda i: (str(i.file), i.offset))
+    by_name = {i.name: i for i in infos}
+    for info in infos:
+        itemsize = info.nbytes // max(1, _numel(info.shape)) if info.nbytes else 1
+        rows = chunk_rows(info.shape, itemsize, opts.chunk_bytes)
+        pieces.extend(plan_pieces(info.name, info.shape, itemsize, rows, opts.block_bytes))
+    tasks = group_tasks(pieces, opts.block_bytes)
+    pickle_folder = str(reader.folder) if reader.is_pickle else None
+    futs = [client.submit(write_block, str(state.path), index,
+                          [PieceSpec(by_name[p.name], state.tensors[p.name].path, p.start, p.stop)
+                           for p in task], pickle_folder, pure=False)
+            for task in tasks]
+    total, nonfinite = 0, {}
+    try:
+        for fut in as_completed(futs):
+            res: BlockResult = fut.result()
+            total += res.nbytes
+            for name, counts in res.nonfinite.items():
+                old = nonfinite.get(name, [0, 0, 0])
+                nonfinite[name] = [a + b for a, b in zip(old, counts, strict=True)]
+            if bar is not None:
+                bar.update(res.nbytes)
+    except BaseException:
+        client.cancel(futs)
+        raise
+    return total, nonfinite
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+# -- one pass ------------------------------------------------------------------------------------
+
+class _Ingester:
+    """State kept across passes of ``watch``: verified steps and settle timers."""
+
+    def __init__(self, run_dir: Path, store: Path, client: Any, opts: IngestOptions,
+                 log: Callable[[str], None]) -> None:
+        self.run_dir, self.store, self.client = run_dir, store, client
+        self.opts, self.log = opts, log
+        self.verified: set[int] = set()
+        self.seen: dict[Path, tuple[dict, float]] = {}
+        self.report = IngestReport(store)
+
+    def verify_stored(self, state: StoreState, cps: list[Checkpoint]) -> None:
+        """Stored steps whose checkpoint is still there must hold the same bytes."""
+        for cp in cps:
+            if cp.step not in state.steps or cp.step in self.verified:
+                continue
+            rec = state.record_for(cp.step)
+            reader = CheckpointReader(cp.path, allow_pickle=self.opts.allow_pickle)
+            got = _digests(self.client, reader.files)
+            for fname, (size, digest) in got.items():
+                want = rec["files"].get(fname)
+                if want is None or want["digest"] != digest or want["size"] != size:
+                    raise PipelineError(f"checkpoint bytes differ from stored step {cp.step} "
+                                        "(content hash changed)", cp.path / fname)
+            if set(rec["files"]) - set(got):
+                missing = sorted(set(rec["files"]) - set(got))[0]
+                raise PipelineError(f"file {missing} of stored step {cp.step} is gone from the "
+                                    "checkpoint", cp.path)
+            self.verified.add(cp.step)
+            self.report.skipped.append(cp.step)
+
+    def ready(self, cp: Checkpoint, settle: float) -> CheckpointReader | None:
+        """Reader of a checkpoint that validates and has not changed for ``settle`` seconds."""
+        snap = snapshot(cp.path)
+        now = time.monotonic()
+        prev = self.seen.get(cp.path)
+        if prev is None or prev[0] != snap:
+            self.seen[cp.path] = (snap, now)
+            if settle > 0:
+                return None
+        elif now - prev[1] < settle:
+            return None
+        try:
+            return CheckpointReader(cp.path, allow_pickle=self.opts.allow_pickle)
+        except PipelineError as e:
+            self.log(f"waiting for step {cp.step}: {e}")
+            return None
+
+    def run_pass(self, watch: bool, settle: float) -> int:
+        """Ingest what is ready now; returns how many steps were committed."""
+        cps = discover_checkpoints(self.run_dir, self.opts.step_pattern)
+        state = StoreState.open(self.store)
+        self.verify_stored(state, cps)
+        pending = [cp for cp in cps if cp.step not in state.steps]
+        check_order(state.steps, pending)
+        # validate everything before writing anything (one-shot), or the next ready one (watch)
+        readers: list[tuple[Checkpoint, CheckpointReader]] = []
+        for cp in pending:
+            if watch:
+                r = self.ready(cp, settle)
+                if r is None:
+                    break  # keep step order: never skip ahead of an unfinished checkpoint
+            else:
+                r = CheckpointReader(cp.path, allow_pickle=self.opts.allow_pickle)
+            readers.append((cp, r))
+        expected: Table | None = (
+            {n: (t.dtype, t.shape) for n, t in state.tensors.items()} if state.steps else None)
+        for cp, r in readers:
+            table = tensor_table(r)
+            if expected is None:
+                check_names(sorted(table))  # refuse unstorable names before creating anything
+                expected = table
+            check_table(expected, table, cp.path)
+        done = 0
+        for cp, r in readers:
+            self.ingest_one(state, cp, r)
+            done += 1
+        return done
+
+    def ingest_one(self, state: StoreState, cp: Checkpoint, reader: CheckpointReader) -> None:
+        from tqdm.auto import tqdm
+
+        index = len(state.steps)
+        before = snapshot(cp.path)
+        if index == 0:
+            state.create(tensor_table(reader), reader.config,
+                         {"run_dir": str(self.run_dir.resolve()),
+                          "step_pattern": self.opts.step_pattern}, self.opts.chunk_bytes)
+        state.grow(index)
+        bar = tqdm(total=sum(i.nbytes for i in reader.tensors.values()), unit="B",
+                   unit_scale=True, desc=f"step {cp.step}", disable=not self.opts.progress,
+                   leave=False)
+        try:
+            digests = _digests(self.client, reader.files)
+            nbytes, nonfinite = _write_step(self.client, state, index, reader, self.opts, bar)
+        finally:
+            bar.close()
+        if snapshot(cp.path) != before:
+            raise PipelineError("checkpoint changed while it was being ingested; not committed",
+                                cp.path)
+        if nonfinite:
+            first = next(iter(nonfinite.items()))
+            warnings.warn(f"{cp.path}: step {cp.step} has NaN/inf values in {len(nonfinite)} "
+                          f"tensor(s), e.g. {first[0]!r} (nan, +inf, -inf) = {first[1]}; "
+                          "stored bit-exact", NonFiniteWarning, stacklevel=2)
+        record = {
+            "step": cp.step,
+            "folder": _rel(cp.path, self.run_dir),
+            "files": {n: {"size": s, "digest": d} for n, (s, d) in sorted(digests.items())},
+            "checkpoint_bytes": sum(s for s, _ in digests.values()),
+            "nonfinite": nonfinite,
+            "ingested_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        state.commit(index, cp.step, record)
+        self.verified.add(cp.step)
+        self.report.ingested.append(cp.step)
+        self.report.ingested_bytes += nbytes
+        if nonfinite:
+            self.report.nonfinite[cp.step] = nonfinite
+
+
+def _rel(path: Path, base: Path) -> str:
+    try:
+        return path.resolve().relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def ingest(
+    run_dir: str | Path,
+    store: str | Path,
+    *,
+    step_pattern: str | None = None,
+    scheduler: str | None = None,
+    client: Any = None,
+    allow_pickle: bool = False,
+    watch: bool = False,
+    poll: float = 10.0,
+    settle: float = 5.0,
+    max_idle: float | None = None,
+    until_step: int | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+    progress: bool = True,
+    log: Callable[[str], None] = lambda _m: None,
+) -> IngestReport:
+    """Ingest every checkpoint of ``run_dir`` into ``store``; with ``watch``, keep going.
+
+    Re-running is safe: unchanged stored steps are skipped, an interrupted
+    step is redone. ``watch`` polls every ``poll`` seconds, ingests a
+    checkpoint once it is complete and unchanged for ``settle`` seconds, and
+    stops after ``max_idle`` seconds without a new step or once a step >=
+    ``until_step`` is stored (never, if neither is given).
+    """
+    t0 = time.perf_counter()
+    run_dir, store = Path(run_dir), Path(store)
+    opts = IngestOptions(step_pattern, allow_pickle, chunk_bytes, block_bytes, progress)
+    discover_checkpoints(run_dir, step_pattern)  # fail on a bad run dir before making a store
+    StoreState.open(store)  # refuse a foreign folder before locking (creating) it
+    existed = store.exists()
+    try:
+        with _client(client, scheduler) as c:
+            ing = _Ingester(run_dir, store, c, opts, log)
+            _run(ing, store, watch, poll, settle, max_idle, until_step)
+    except BaseException:
+        if not existed and not (store / "zarr.json").exists():
+            shutil.rmtree(store, ignore_errors=True)  # leave no empty store behind
+        raise
+    state = StoreState.open(store) if (store / "zarr.json").exists() else StoreState(store)
+    rep = ing.report
+    rep.steps = list(state.steps)
+    rep.checkpoint_bytes = sum(r["checkpoint_bytes"] for r in state.records)
+    rep.store_bytes = store_bytes(store)
+    rep.seconds = time.perf_counter() - t0
+    return rep
+
+
+def _run(ing: _Ingester, store: Path, watch: bool, poll: float, settle: float,
+         max_idle: float | None, until_step: int | None) -> None:
+    """One pass, or the watch loop, under the store lock."""
+    with store_lock(store):
+        if not watch:
+            ing.run_pass(False, 0.0)
+            return
+        last = time.monotonic()
+        while True:
+            if ing.run_pass(True, settle):
+                last = time.monotonic()
+            steps = StoreState.open(store).steps
+            if until_step is not None and steps and steps[-1] >= until_step:
+                return
+            if max_idle is not None and time.monotonic() - last >= max_idle:
+                return
+            time.sleep(poll)

@@ -1,0 +1,104 @@
+"""The store layout (zarr v3), and the pure arithmetic that plans chunks and tasks.
+
+::
+
+    run.zarr/
+      zarr.json            root attrs["rlvr_lin"]: schema_version, encoding, tensor table
+                           (name -> path, dtype, shape), model_config, source, and a summary
+                           of committed steps (sources, nonfinite) rewritten at each commit
+      step/                int64 (n,), chunks (1,), fill -1. step[i] is written LAST for
+                           position i: it is the completion marker. Readers expose the
+                           prefix of positions whose marker is set.
+      records/<i>/         write-once group per position: step, folder, per-file size and
+                           content digest, NaN/inf counts
+      tensors/<escaped>/   unsigned bits (n, *shape), chunks (1, rows, *rest), fill 0;
+                           position 0 raw, position i>0 encoded against position 0
+
+Chunks along the step axis have length 1, so a step only ever writes its
+own chunks; the row extent of a chunk is chosen so a chunk is about
+``chunk_bytes``. Ingest tasks cover whole chunks, so no two tasks touch the
+same chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SCHEMA_VERSION = 1
+ATTRS_KEY = "rlvr_lin"
+STEP_ARRAY = "step"
+TENSORS_GROUP = "tensors"
+RECORDS_GROUP = "records"
+NOT_COMMITTED = -1
+DEFAULT_CHUNK_BYTES = 4 << 20
+DEFAULT_BLOCK_BYTES = 32 << 20
+
+
+def record_path(index: int) -> str:
+    return f"{RECORDS_GROUP}/{index:08d}"
+
+
+def chunk_rows(shape: tuple[int, ...], itemsize: int,
+               chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Leading-axis extent of a chunk: as many rows as fit in ``chunk_bytes``, at least one."""
+    if not shape:
+        return 1
+    row = itemsize
+    for s in shape[1:]:
+        row *= s
+    return max(1, min(shape[0], chunk_bytes // max(row, 1)))
+
+
+def chunk_shape(shape: tuple[int, ...], itemsize: int,
+                chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> tuple[int, ...]:
+    """Chunk of the stored array ``(n_steps, *shape)``: one step, ``chunk_rows`` rows."""
+    if not shape:
+        return (1,)
+    return (1, chunk_rows(shape, itemsize, chunk_bytes), *(max(s, 1) for s in shape[1:]))
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows [start, stop) of one tensor; a whole number of chunks (or the tensor's tail)."""
+
+    name: str
+    start: int
+    stop: int
+    nbytes: int
+
+
+def plan_pieces(name: str, shape: tuple[int, ...], itemsize: int, chunk_rows_: int,
+                block_bytes: int) -> list[Piece]:
+    """Split a tensor into chunk-aligned row blocks of at most ``block_bytes`` (>= one chunk)."""
+    if not shape:
+        return [Piece(name, 0, 1, itemsize)]
+    rows = shape[0]
+    row_bytes = itemsize
+    for s in shape[1:]:
+        row_bytes *= s
+    if rows == 0:
+        return [Piece(name, 0, 0, 0)]
+    chunk_bytes = chunk_rows_ * row_bytes
+    per = max(1, block_bytes // max(chunk_bytes, 1)) * chunk_rows_
+    return [Piece(name, a, min(a + per, rows), (min(a + per, rows) - a) * row_bytes)
+            for a in range(0, rows, per)]
+
+
+def group_tasks(pieces: list[Piece], block_bytes: int) -> list[list[Piece]]:
+    """Pack pieces (in the given order) into tasks of about ``block_bytes``.
+
+    Small tensors share a task, so the number of tasks grows with bytes,
+    not with the number of tensors.
+    """
+    tasks: list[list[Piece]] = []
+    cur: list[Piece] = []
+    size = 0
+    for p in pieces:
+        if cur and size + p.nbytes > block_bytes:
+            tasks.append(cur)
+            cur, size = [], 0
+        cur.append(p)
+        size += p.nbytes
+    if cur:
+        tasks.append(cur)
+    return tasks

@@ -1,0 +1,202 @@
+"""Read an ingested run: the stable API the fit, extrapolation and reports build on.
+
+``open_run(store)`` takes a snapshot of the committed steps at open time
+(``refresh()`` picks up steps committed since), so an analysis never sees a
+step appear or a half-written step mid-way. Everything returns values in
+the tensor's logical dtype (bfloat16 as ``ml_dtypes.bfloat16``) unless a
+float dtype is asked for; stored encodings are undone here and nowhere else.
+
+Out-of-core consumers read blocks: ``read_block(name, steps, rows)`` with
+``rows`` a slice of the leading axis; ``chunk_rows(name)`` is the natural
+block height (reads aligned to it touch no chunk twice). ``to_dask`` /
+``to_xarray`` give lazy views with the same chunks and a ``step`` coordinate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from pipeline.checkpoints.format import logical_dtype
+from pipeline.errors import PipelineError
+from pipeline.store.codec import as_float, as_logical, decode
+from pipeline.store.layout import TENSORS_GROUP
+from pipeline.store.state import StoreState, read_meta
+
+
+class RunStore:
+    """A read-only view of the committed steps of one run store."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if read_meta(self.path) is None:
+            raise PipelineError("not an rlvr-lin run store", self.path)
+        self.refresh()
+
+    def refresh(self) -> RunStore:
+        """Re-read which steps are committed (steps only ever get appended)."""
+        st = StoreState.open(self.path)
+        self._meta = st.meta
+        self._steps = list(st.steps)
+        self._records = st.records
+        self._arrays: dict[str, zarr.Array] = {}
+        return self
+
+    # -- metadata -------------------------------------------------------------------------------
+
+    @property
+    def steps(self) -> list[int]:
+        """Committed training steps, strictly increasing; position i is ``steps[i]``."""
+        return list(self._steps)
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return sorted(self._meta.get("tensors", {})) if self._steps else []
+
+    def _entry(self, name: str) -> dict[str, Any]:
+        try:
+            return self._meta["tensors"][name]
+        except KeyError:
+            raise PipelineError(f"no tensor {name!r} in store", self.path) from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of the tensor at one step (the stored array has a leading step axis)."""
+        return tuple(self._entry(name)["shape"])
+
+    def dtype(self, name: str) -> str:
+        """Logical dtype name, e.g. ``"bfloat16"``."""
+        return str(self._entry(name)["dtype"])
+
+    def chunk_rows(self, name: str) -> int:
+        """Rows per stored chunk: the block height that reads each chunk once."""
+        chunks = self._array(name).chunks
+        return chunks[1] if len(chunks) > 1 else 1
+
+    @property
+    def config(self) -> dict | None:
+        """The model's ``config.json`` from the first checkpoint."""
+        return self._meta.get("model_config")
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """All store metadata (schema version, source, NaN/inf summary, ...)."""
+        return dict(self._meta)
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """Per-step records: folder, file sizes and digests, NaN/inf counts."""
+        return [dict(r) for r in self._records]
+
+    def index(self, step: int) -> int:
+        """Position of a training step along the step axis."""
+        try:
+            return self._steps.index(step)
+        except ValueError:
+            raise PipelineError(f"step {step} is not in the store (have {self._steps})",
+                                self.path) from None
+
+    # -- data -----------------------------------------------------------------------------------
+
+    def _array(self, name: str) -> zarr.Array:
+        arr = self._arrays.get(name)
+        if arr is None:
+            path = f"{TENSORS_GROUP}/{self._entry(name)['path']}"
+            arr = self._arrays[name] = zarr.open_array(str(self.path), path=path, mode="r")
+        return arr
+
+    def read_bits(self, name: str, steps: slice | list[int] | None = None,
+                  rows: slice | None = None) -> np.ndarray:
+        """Decoded bit patterns, shape ``(n_selected_steps, *block)``.
+
+        ``steps`` selects positions (a slice of positions or a list of
+        training steps); ``rows`` slices the tensor's leading axis.
+        """
+        idx = self._positions(steps)
+        arr = self._array(name)
+        tail: tuple = (rows if rows is not None else slice(None),) if self.shape(name) else ()
+        if not idx:
+            return np.empty((0, *np.empty(self.shape(name))[tail].shape),
+                            dtype=arr.dtype.to_native_dtype())
+        base = np.asarray(arr[(0, *tail)])
+        out = np.empty((len(idx), *base.shape), dtype=base.dtype)
+        # contiguous runs of positions are read with one zarr call each
+        for k, i in enumerate(idx):
+            stored = np.asarray(arr[(i, *tail)])
+            out[k] = stored if i == 0 else decode(stored, base)
+        return out
+
+    def _positions(self, steps: slice | list[int] | None) -> list[int]:
+        n = len(self._steps)
+        if steps is None:
+            return list(range(n))
+        if isinstance(steps, slice):
+            return list(range(*steps.indices(n)))
+        return [self.index(int(s)) for s in steps]
+
+    def read_block(self, name: str, steps: slice | list[int] | None = None,
+                   rows: slice | None = None) -> np.ndarray:
+        """A block in the logical dtype, shape ``(n_selected_steps, *block)``."""
+        return as_logical(self.read_bits(name, steps, rows), self.dtype(name))
+
+    def read(self, name: str, step: int, rows: slice | None = None) -> np.ndarray:
+        """One training step of a tensor, in its logical dtype, bit-exact."""
+        return self.read_block(name, [step], rows)[0]
+
+    def read_float(self, name: str, steps: slice | list[int] | None = None,
+                   rows: slice | None = None, dtype: type = np.float32) -> np.ndarray:
+        """A block as float32/float64 for numerics (bf16/fp16 widen exactly)."""
+        return as_float(self.read_bits(name, steps, rows), self.dtype(name), dtype)
+
+    def to_dask(self, name: str, dtype: Any = None) -> Any:
+        """Lazy ``(n_steps, *shape)`` dask array, chunked like the store; logical dtype default."""
+        import dask.array as da
+
+        arr = self._array(name)
+        n = len(self._steps)
+        stored = da.from_zarr(arr)[:n]
+        if n > 1:
+            base = stored[:1]
+            decoded = da.concatenate([base, stored[1:].map_blocks(
+                _decode_block, base, dtype=stored.dtype)], axis=0)
+        else:
+            decoded = stored
+        logical = logical_dtype(self.dtype(name))
+        out = decoded.map_blocks(np.ndarray.view, logical, dtype=logical)
+        return out if dtype is None else out.astype(dtype)
+
+    def to_xarray(self, name: str, dtype: Any = None) -> Any:
+        """Lazy ``xarray.DataArray`` with a ``step`` coordinate (int64)."""
+        import xarray as xr
+
+        data = self.to_dask(name, dtype)
+        dims = ["step", *(f"dim_{i}" for i in range(len(self.shape(name))))]
+        return xr.DataArray(data, dims=dims, name=name,
+                            coords={"step": np.asarray(self._steps, dtype=np.int64)},
+                            attrs={"dtype": self.dtype(name)})
+
+    def dataset(self, names: list[str] | None = None, dtype: Any = np.float32) -> Any:
+        """Lazy ``xarray.Dataset`` of several tensors (float32 by default, for numerics)."""
+        import xarray as xr
+
+        names = self.tensor_names if names is None else names
+        das = {}
+        for n in names:
+            da_ = self.to_xarray(n, dtype)
+            das[n] = da_.rename({d: f"{n}/{d}" for d in da_.dims if d != "step"})
+        return xr.Dataset(das)
+
+    def __repr__(self) -> str:
+        return (f"RunStore({str(self.path)!r}, steps={self._steps}, "
+                f"tensors={len(self.tensor_names)})")
+
+
+def _decode_block(stored: np.ndarray, base: np.ndarray) -> np.ndarray:
+    return decode(stored, base)
+
+
+def open_run(store: str | Path) -> RunStore:
+    """Open an ingested run store for reading."""
+    return RunStore(store)

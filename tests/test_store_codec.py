@@ -1,0 +1,75 @@
+"""Pure parts of the store: step encoding, name escaping, NaN/inf counts, block planning."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipeline.errors import PipelineError
+from pipeline.store.codec import count_nonfinite, decode, encode
+from pipeline.store.layout import group_tasks, plan_pieces
+from pipeline.store.naming import check_names, escape_name, unescape_name
+
+
+@pytest.mark.parametrize("width", [1, 2, 4, 8])
+def test_encode_roundtrip_every_width(width: int) -> None:
+    u = np.dtype(f"<u{width}")
+    rng = np.random.default_rng(width)
+    hi = np.iinfo(u).max
+    a = rng.integers(0, hi, 4096, dtype=u, endpoint=True)
+    b = rng.integers(0, hi, 4096, dtype=u, endpoint=True)
+    np.testing.assert_array_equal(decode(encode(a, b), b), a)
+    assert encode(b, b).any() == False  # noqa: E712 - unchanged elements encode to zero
+
+
+def test_one_ulp_moves_encode_small() -> None:
+    w = np.linspace(-1, 1, 1000, dtype=np.float32).astype(ml_dtypes.bfloat16).view("<u2")
+    up, down = w + np.uint16(1), w - np.uint16(1)
+    assert encode(up, w).max() <= 2 and encode(down, w).max() <= 2
+
+
+@given(st.text(max_size=16))  # <= 16 chars always fit escaped (<= 12 bytes each)
+def test_escape_is_reversible_and_one_safe_component(name: str) -> None:
+    if not name:
+        with pytest.raises(PipelineError):
+            escape_name(name)
+        return
+    comp = escape_name(name)
+    assert unescape_name(comp) == name
+    assert "/" not in comp and "\\" not in comp
+    assert comp not in (".", "..") and not comp.startswith((".", "_"))
+
+
+def test_escape_refuses_what_cannot_be_safe() -> None:
+    assert escape_name("../x") == "%2E.%2Fx"
+    assert escape_name("__x") == "%5F_x"
+    with pytest.raises(PipelineError, match="too long"):
+        escape_name("x" * 500)
+    with pytest.raises(PipelineError, match="same array path"):
+        check_names(["A.weight", "a.weight"])
+
+
+def test_count_nonfinite_matches_numpy() -> None:
+    x = np.array([np.nan, np.inf, -np.inf, 1.0, -0.0, 3e38, -np.nan], dtype=np.float32)
+    want = (2, 1, 1)
+    assert count_nonfinite(x.view("<u4"), "float32") == want
+    assert count_nonfinite(x.astype(np.float64).view("<u8"), "float64") == want
+    assert count_nonfinite(x.astype(ml_dtypes.bfloat16).view("<u2"), "bfloat16") == want
+    # 3e38 overflows fp16 to +inf
+    assert count_nonfinite(x.astype(np.float16).view("<u2"), "float16") == (2, 2, 1)
+    assert count_nonfinite(np.arange(5, dtype="<u8"), "int64") == (0, 0, 0)
+
+
+@given(st.integers(0, 5000), st.integers(1, 64), st.integers(1, 100), st.integers(1, 10_000))
+def test_pieces_cover_rows_on_chunk_boundaries(rows: int, row_bytes: int, crows: int,
+                                               block: int) -> None:
+    pieces = plan_pieces("t", (rows, row_bytes), 1, crows, block)
+    covered = [r for p in pieces for r in range(p.start, p.stop)]
+    assert covered == list(range(rows))
+    assert all(p.start % crows == 0 for p in pieces)
+    tasks = group_tasks(pieces * 3, block)
+    assert sum(len(t) for t in tasks) == 3 * len(pieces)
+    assert all(len(t) == 1 or sum(p.nbytes for p in t) <= block for t in tasks)
