@@ -151,23 +151,9 @@ def ingest_cmd(
                      poll=poll, settle=settle, max_idle=max_idle, until_step=until_step,
                      allow_pickle=allow_pickle, progress=progress,
                      log=lambda m: typer.echo(m, err=True))
-    mb = 1 / 1e6
-    rows = [
-        ("steps ingested", f"{len(rep.ingested)} {rep.ingested}"),
-        ("steps skipped (unchanged)", f"{len(rep.skipped)}"),
-        ("steps in store", f"{len(rep.steps)}"),
-        ("checkpoint bytes read", f"{rep.ingested_bytes * mb:.1f} MB"),
-        ("checkpoint bytes (all steps)", f"{rep.checkpoint_bytes * mb:.1f} MB"),
-        ("store bytes", f"{rep.store_bytes * mb:.1f} MB"),
-        ("store / checkpoints", f"{rep.ratio:.3f}"),
-        ("seconds", f"{rep.seconds:.1f}"),
-    ]
-    if rep.nonfinite:
-        rows.append(("steps with NaN/inf", f"{sorted(rep.nonfinite)}"))
-    width = max(len(k) for k, _ in rows)
-    typer.echo(f"store {rep.store}")
-    for k, v in rows:
-        typer.echo(f"  {k:<{width}}  {v}")
+    from pipeline.store.summary import print_ingest_report
+
+    print_ingest_report(rep)
 
 
 @app.command("extrapolate")

@@ -44,7 +44,7 @@ def dask_client(
             threads_per_worker=threads_per_worker,
             processes=True,
             memory_limit=memory_limit,
-            dashboard_address=None,
+            dashboard_address=":0",  # a free port: never clashes with another cluster
         ) as cluster,
         Client(cluster) as client,
     ):

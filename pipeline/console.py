@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Sequence
 
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+# Tables are wider than 80 columns; when the output is not a terminal (a log, CI)
+# keep them readable instead of truncating cells.
+console = Console(width=None if sys.stdout.isatty() else 140)
 
 
 def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[object]]) -> None:

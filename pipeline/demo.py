@@ -55,11 +55,74 @@ def show_run(run_dir: Path) -> None:
     print_table(f"Checkpoints of {run_dir}", ["step", "held-out accuracy", "train reward"], rows)
 
 
+def export_and_check(entry: RunEntry, run_dir: Path) -> None:
+    """Extrapolate past the last checkpoint, export, load with transformers and score it.
+
+    Uses R²-gated least squares (elements that moved linearly follow their
+    line, the rest keep the last checkpoint's value): the most conservative
+    of the methods, and the one that degraded least on the tiny run.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.extrapolate.alpha_sweep import heldout_problems
+    from pipeline.extrapolate.export import export, make_spec
+    from pipeline.extrapolate.sources import StoreSource
+    from pipeline.rl.evaluate import greedy_accuracy
+
+    source = StoreSource(entry.store, run_dir)
+    steps = list(source.steps)
+    target = steps[-1] + (steps[-1] - steps[0]) // 5
+    out = entry.outputs / f"extrapolated-gated-step{target}"
+    spec = make_spec(source, "gated", to=target, r2_min=0.8)
+    res = export(source, out, spec, force=True, progress=True)
+    problems = heldout_problems(run_dir)
+    rows = []
+    for label, folder in [(f"real checkpoint, step {steps[-1]}", _checkpoint_folder(run_dir,
+                                                                                    steps[-1])),
+                          (f"gated lstsq (R² >= 0.8) -> step {target}", out)]:
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        tok = AutoTokenizer.from_pretrained(folder)
+        rows.append((label, greedy_accuracy(model, tok, problems)))
+    print_table(f"Extrapolated model {res.out} ({len(res.moved)} tensors moved, "
+                f"{len(res.copied)} copied): loads with transformers",
+                ["model", "held-out greedy accuracy"], rows)
+
+
+def _checkpoint_folder(run_dir: Path, step: int) -> Path:
+    from pipeline.checkpoints import discover_checkpoints
+
+    return next(c.path for c in discover_checkpoints(run_dir) if c.step == step)
+
+
 def run_demo(name: str | None, catalog: Path | None, scheduler: str | None) -> None:
+    import transformers
+
+    from pipeline.compute import dask_client
+    from pipeline.fit.histograms import print_headline
+    from pipeline.fit.job import fit_store
+    from pipeline.report.html import write_report
+    from pipeline.store.ingest import ingest
+    from pipeline.store.summary import print_ingest_report
+
+    transformers.utils.logging.disable_progress_bar()
     cat = load_catalog(catalog)
     name = name or cat.default
     if name is None or name not in cat.runs:
         raise PipelineError(f"no catalog run named {name!r}")
     entry = cat.runs[name]
+    console.rule(f"[bold]1. checkpoints of {name}")
     run_dir = ensure_checkpoints(name, entry)
     show_run(run_dir)
+    with dask_client(scheduler) as client:
+        console.rule("[bold]2. ingest into the step-indexed zarr store")
+        print_ingest_report(ingest(run_dir, entry.store, step_pattern=entry.step_pattern,
+                                   client=client))
+        console.rule("[bold]3. fit every weight element against step")
+        fit_dir = entry.outputs / "fit"
+        rep = fit_store(entry.store, fit_dir, client=client)
+        print_headline(rep.histograms["moving"])
+    console.rule("[bold]4. report")
+    page = write_report(entry.store, fit_dir, entry.outputs / "report")
+    console.print(f"report: {page}")
+    console.rule("[bold]5. extrapolate, export, load")
+    export_and_check(entry, run_dir)

@@ -5,7 +5,8 @@ overall figures are plain sums of per-tensor counts. Means and the
 fractions above 0.7 / 0.9 are exact (kept as sums and counts per tensor);
 medians are read off the histogram by linear interpolation inside the bin
 (error well below one bin width, 0.01 with the default 100 bins).
-Static elements are a count of their own, never a bin.
+Static elements are a count of their own, never a bin; so are elements with
+a NaN or inf value somewhere in the window (``n_nonfinite``).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import xarray as xr
 from pipeline.fit.kernels import THRESHOLDS, bin_edges, hist_median
 from pipeline.fit.names import NO_LAYER, module_rank, parse_name
 
-COUNT_VARS = ("n_elements", "n_static", "n_selected", "removed_min_change", "removed_distinct",
-              "r2_sum", "null_r2_sum") + tuple(f"n_above_{t}" for t in THRESHOLDS) + tuple(
+COUNT_VARS = ("n_elements", "n_static", "n_nonfinite", "n_selected", "removed_min_change",
+              "removed_distinct", "r2_sum", "null_r2_sum") + tuple(
+                  f"n_above_{t}" for t in THRESHOLDS) + tuple(
                   f"null_above_{t}" for t in THRESHOLDS)
 
 
@@ -39,6 +41,8 @@ def build_dataset(names: list[str], summaries: Mapping[str, Any], selection: str
                        else np.zeros((0, n_bins), np.int64)),
         "n_elements": ("tensor", np.array([summaries[n].n_elements for n in names], np.int64)),
         "n_static": ("tensor", np.array([summaries[n].n_static for n in names], np.int64)),
+        "n_nonfinite": ("tensor", np.array([summaries[n].n_nonfinite for n in names],
+                                           np.int64)),
         "n_selected": ("tensor", np.array([s.n_selected for s in sel], np.int64)),
         "removed_min_change": ("tensor", np.array([s.removed_min_change for s in sel], np.int64)),
         "removed_distinct": ("tensor", np.array([s.removed_distinct for s in sel], np.int64)),
@@ -84,6 +88,7 @@ def _row(ds: xr.Dataset) -> dict[str, Any]:
         "n_elements": ne,
         "n_static": int(ds.n_static),
         "static_fraction": int(ds.n_static) / ne if ne else float("nan"),
+        "n_nonfinite": int(ds.n_nonfinite) if "n_nonfinite" in ds else 0,
         "removed_min_change": int(ds.removed_min_change),
         "removed_distinct": int(ds.removed_distinct),
         "n_selected": n,
@@ -102,11 +107,12 @@ def _row(ds: xr.Dataset) -> dict[str, Any]:
 def summary_frames(ds: xr.Dataset) -> dict[str, pd.DataFrame]:
     """Per tensor, per layer x module, and overall summaries as DataFrames."""
     per_tensor = pd.DataFrame(
-        [{"tensor": str(t), "layer": int(ds.layer[i]), "module": str(ds.module[i]),
+        [{"tensor": str(t), "layer": int(ds.layer.values[i]), "module": str(ds.module.values[i]),
           **_row(ds.isel(tensor=i))} for i, t in enumerate(ds.tensor.values)])
     lm = by_layer_module(ds)
     per_lm = pd.DataFrame(
-        [{"layer": int(lm.layer[i]), "module": str(lm.module[i]), **_row(lm.isel(group=i))}
+        [{"layer": int(lm.layer.values[i]), "module": str(lm.module.values[i]),
+          **_row(lm.isel(group=i))}
          for i in range(lm.sizes["group"])])
     total = pd.DataFrame([{"selection": ds.attrs.get("selection", ""), **_row(overall(ds))}])
     return {"tensors": per_tensor, "layer_module": per_lm, "overall": total}
@@ -153,6 +159,7 @@ def print_headline(ds: xr.Dataset) -> None:
         tot = overall(ds)
         print_table("authors' filters", ["filter", "elements removed"], [
             ["static (never moved)", int(tot.n_static)],
+            ["NaN/inf value", int(tot.n_nonfinite) if "n_nonfinite" in tot else 0],
             ["max - min <= 1e-4", int(tot.removed_min_change)],
             ["< 4 distinct values", int(tot.removed_distinct)],
         ])

@@ -1,0 +1,43 @@
+"""The README's main command, end to end on a real tiny run, and re-run cheaply."""
+
+from __future__ import annotations
+
+import csv
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM
+
+import pipeline
+
+
+def test_demo_end_to_end_then_rerun(tiny_run_bf16: Path, tmp_path: Path) -> None:
+    cat = tmp_path / "catalog.yaml"
+    cat.write_text(
+        "default: r\nruns:\n  r:\n"
+        f"    checkpoints: {tiny_run_bf16}\n    store: run.zarr\n    outputs: out\n"
+    )
+    cmd = [sys.executable, "-m", "pipeline", "demo", "--catalog", str(cat)]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = pipeline.open_run(tmp_path / "run.zarr")
+    assert run.steps == list(range(0, 101, 10))
+    assert "store / checkpoints" in first.stdout and "median R²" in first.stdout
+
+    with open(tmp_path / "out" / "fit" / "summary_layer_module_moving.csv") as f:
+        modules = {row["module"] for row in csv.DictReader(f)}
+    assert {"q_proj", "down_proj", "lm_head"} <= modules, modules
+    page = (tmp_path / "out" / "report" / "index.html").read_text()
+    assert page.count("<img") >= 4
+
+    exported = tmp_path / "out" / "extrapolated-gated-step120"
+    assert (exported / "model.safetensors").exists()
+    model = AutoModelForCausalLM.from_pretrained(exported)
+    assert model.config.model_type == "qwen2"
+
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert re.search(r"steps skipped \(unchanged\)\s*│\s*11\s", second.stdout)
+    assert re.search(r"steps ingested\s*│\s*0\s", second.stdout)
