@@ -274,13 +274,7 @@ def backtest_cmd(
     """Predict held-out later checkpoints from earlier ones; relative error per method."""
     from pipeline.catalog import is_catalog_name, lookup
     from pipeline.console import print_table
-    from pipeline.extrapolate.backtest import (
-        ALL,
-        plan_cases,
-        plot_errors,
-        run_backtest,
-        write_csv,
-    )
+    from pipeline.extrapolate.backtest import ALL, backtest_to_folder, plan_cases
     from pipeline.extrapolate.sources import open_source
 
     src = open_source(source, catalog=catalog)
@@ -288,9 +282,7 @@ def backtest_cmd(
         out = (lookup(source, catalog).outputs / "backtest" if is_catalog_name(source)
                else Path("backtest"))
     cases = plan_cases(src.steps, cutoff, holdout, r2_min or (0.5, 0.8), window)
-    res = run_backtest(src, cases, progress=progress)
-    csv_path = write_csv(res, out / "backtest.csv")
-    png_path = plot_errors(res, out / "backtest.png")
+    res, csv_path, png_path = backtest_to_folder(src, out, cases, progress=progress)
     cols = ["cutoff", "target", "horizon", "method", "alpha", "rel_error"]
     print_table("Backtest: ||W_pred - W_real|| / ||W_real - W_cutoff|| (no-change = 1)",
                 cols, [[r[c] for c in cols] for r in res.rows(per_tensor=False)])
@@ -409,17 +401,27 @@ def report_cmd(
         bool, typer.Option(help="plot the elements kept by the authors' filters")
     ] = False,
     samples: Annotated[int, typer.Option(help="element trajectories to plot")] = 6,
+    backtest: Annotated[
+        bool, typer.Option(help="also backtest extrapolation (hold out the later half)")
+    ] = True,
     catalog: CatalogOpt = None,
 ) -> None:
-    """Write a self-contained HTML report (histograms, null, heatmap, trajectories)."""
+    """Write a self-contained HTML report (histograms, null, heatmap, trajectories, backtest)."""
     from pipeline.fit.results import fit_dir_for
     from pipeline.report.html import write_report
 
     store_path, outputs = _store_and_outputs(store, catalog)
     fit_dir = fit or (outputs / "fit" if outputs is not None else fit_dir_for(store_path))
     out = out or fit_dir / "report"
+    extra = []
+    if backtest:
+        from pipeline.extrapolate.backtest import backtest_to_folder
+        from pipeline.extrapolate.sources import StoreSource
+
+        _, _, png = backtest_to_folder(StoreSource(store_path), out)
+        extra.append(("Backtest: predicted vs real weights", png))
     page = write_report(store_path, fit_dir, out, paper_filters=paper_filters,
-                        n_samples=samples)
+                        n_samples=samples, extra_images=extra)
     typer.echo(f"report: {page}")
 
 

@@ -98,6 +98,8 @@ def run_demo(name: str | None, catalog: Path | None, scheduler: str | None) -> N
     import transformers
 
     from pipeline.compute import dask_client
+    from pipeline.extrapolate.backtest import backtest_to_folder
+    from pipeline.extrapolate.sources import StoreSource
     from pipeline.fit.histograms import print_headline
     from pipeline.fit.job import fit_store
     from pipeline.report.html import write_report
@@ -121,8 +123,11 @@ def run_demo(name: str | None, catalog: Path | None, scheduler: str | None) -> N
         fit_dir = entry.outputs / "fit"
         rep = fit_store(entry.store, fit_dir, client=client)
         print_headline(rep.histograms["moving"])
-    console.rule("[bold]4. report")
-    page = write_report(entry.store, fit_dir, entry.outputs / "report")
+    console.rule("[bold]4. backtest and report")
+    report_dir = entry.outputs / "report"
+    _, _, backtest_png = backtest_to_folder(StoreSource(entry.store, run_dir), report_dir)
+    page = write_report(entry.store, fit_dir, report_dir,
+                        extra_images=[("Backtest: predicted vs real weights", backtest_png)])
     console.print(f"report: {page}")
     console.rule("[bold]5. extrapolate, export, load")
     export_and_check(entry, run_dir)

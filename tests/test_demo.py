@@ -30,7 +30,7 @@ def test_demo_end_to_end_then_rerun(tiny_run_bf16: Path, tmp_path: Path) -> None
         modules = {row["module"] for row in csv.DictReader(f)}
     assert {"q_proj", "down_proj", "lm_head"} <= modules, modules
     page = (tmp_path / "out" / "report" / "index.html").read_text()
-    assert page.count("<img") >= 4
+    assert page.count("<img") >= 5 and "Backtest" in page
 
     exported = tmp_path / "out" / "extrapolated-gated-step120"
     assert (exported / "model.safetensors").exists()

@@ -257,3 +257,12 @@ def plot_errors(result: BacktestResult, path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def backtest_to_folder(source: WeightSource, out: str | Path, cases: list[Case] | None = None,
+                       progress: bool = True) -> tuple[BacktestResult, Path, Path]:
+    """Run the backtest (default cases: hold out the later half) and write CSV + PNG."""
+    out = Path(out)
+    res = run_backtest(source, cases if cases is not None else plan_cases(source.steps),
+                       progress=progress)
+    return res, write_csv(res, out / "backtest.csv"), plot_errors(res, out / "backtest.png")

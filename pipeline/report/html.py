@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import html
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -72,8 +72,13 @@ def _img(png: bytes, alt: str) -> str:
 
 def write_report(store: str | Path, fit_dir: str | Path, out: str | Path, *,
                  paper_filters: bool = False, n_samples: int = 6,
-                 progress: Callable[[str], None] | None = None) -> Path:
-    """Render the report into ``out/index.html`` and return its path."""
+                 progress: Callable[[str], None] | None = None,
+                 extra_images: Sequence[tuple[str, Path]] = ()) -> Path:
+    """Render the report into ``out/index.html`` and return its path.
+
+    ``extra_images`` are (title, PNG path) pairs made by other stages (the
+    backtest), embedded after the fit's own figures so the page stays one file.
+    """
     from tqdm.auto import tqdm
 
     fit = FitResult(fit_dir)
@@ -92,6 +97,8 @@ def write_report(store: str | Path, fit_dir: str | Path, out: str | Path, *,
         ("Sampled trajectories", lambda: _img(plots.trajectories(
             sample_trajectories(store, fit, ds, n_samples)), "trajectories")),
     ]
+    jobs += [(title, lambda p=png, t=title: _img(Path(p).read_bytes(), t))
+             for title, png in extra_images]
     for title, make in tqdm(jobs, desc="report", leave=False):
         sections.append(f"<h2>{html.escape(title)}</h2>\n{make()}")
     tot = frames["overall"].iloc[0]
