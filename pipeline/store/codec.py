@@ -37,6 +37,16 @@ def encode(bits: NDArray, base: NDArray | None) -> NDArray:
     return ((s << 1) ^ (s >> shift)).view(u)
 
 
+def encode_inplace(bits: NDArray, base: NDArray) -> NDArray:
+    """``encode(bits, base)`` written over ``bits`` (which must be writable): one temporary."""
+    np.subtract(bits, base, out=bits)
+    s = bits.view(_signed(bits.dtype))
+    sign = s >> (8 * bits.dtype.itemsize - 1)
+    np.left_shift(s, 1, out=s)
+    np.bitwise_xor(s, sign, out=s)
+    return bits
+
+
 def decode(stored: NDArray, base: NDArray | None) -> NDArray:
     """Inverse of ``encode``: the original bit patterns."""
     if base is None:

@@ -23,17 +23,25 @@ from typing import Any
 from pipeline.checkpoints.discover import Checkpoint, discover_checkpoints
 from pipeline.checkpoints.reader import CheckpointReader
 from pipeline.errors import PipelineError
-from pipeline.store.integrity import snapshot, store_bytes, store_lock
+from pipeline.store.integrity import combine_blocks, snapshot, store_bytes, store_lock
 from pipeline.store.layout import (
     DEFAULT_BLOCK_BYTES,
     DEFAULT_CHUNK_BYTES,
+    Piece,
     chunk_rows,
     group_tasks,
     plan_pieces,
 )
 from pipeline.store.naming import check_names
 from pipeline.store.state import StoreState
-from pipeline.store.tasks import BlockResult, PieceSpec, digest_task, write_block
+from pipeline.store.tasks import (
+    BlockResult,
+    PieceSpec,
+    RangeSpec,
+    digest_task,
+    legacy_digest_task,
+    write_range,
+)
 
 
 class NonFiniteWarning(UserWarning):
@@ -113,44 +121,45 @@ def _client(client: Any, scheduler: str | None) -> Iterator[Any]:
         yield c
 
 
-def _digests(client: Any, files: list[Path]) -> dict[str, tuple[int, str]]:
-    futs = client.map(digest_task, [str(f) for f in files], pure=False)
+def _verify_digests(client: Any, files: list[Path],
+                    want: dict[str, dict]) -> dict[str, tuple[int, str]]:
+    """Digest of each file, made with the algorithm of its stored digest (if any)."""
+    futs = [client.submit(legacy_digest_task, str(f), want.get(f.name, {}).get("digest", ""),
+                          pure=False) for f in files]
     return {Path(p).name: (size, d) for p, size, d in client.gather(futs)}
 
 
-def _write_step(client: Any, state: StoreState, index: int, reader: CheckpointReader,
-                opts: IngestOptions, bar: Any) -> tuple[int, dict[str, list[int]]]:
-    """Submit one task per block of about ``block_bytes``; returns bytes read and NaN/inf."""
-    from distributed import as_completed
+def _plan_ranges(state: StoreState, reader: CheckpointReader,
+                 block_bytes: int) -> list[RangeSpec]:
+    """Tasks of one step: contiguous byte ranges of each file, about ``block_bytes`` each.
 
-    pieces = []
-    # file, then offset order: each task reads a contiguous stretch of one file where it can
-    infos = sorted(reader.tensors.values(), key=lambda i: (str(i.file), i.offset))
-    by_name = {i.name: i for i in infos}
-    for info in infos:
+    The ranges of a file cover it from byte 0 to its end (header included),
+    so hashing each range gives the whole file's digest; each holds whole
+    chunks of the tensors in it, so no two tasks write the same chunk.
+    """
+    chunk_bytes = int(state.meta.get("chunk_bytes", DEFAULT_CHUNK_BYTES))
+    by_file: dict[Path, list] = {f: [] for f in reader.files}
+    for info in sorted(reader.tensors.values(), key=lambda i: (str(i.file), i.offset)):
         itemsize = info.nbytes // max(1, _numel(info.shape)) if info.nbytes else 1
-        rows = chunk_rows(info.shape, itemsize, opts.chunk_bytes)
-        pieces.extend(plan_pieces(info.name, info.shape, itemsize, rows, opts.block_bytes))
-    tasks = group_tasks(pieces, opts.block_bytes)
-    pickle_folder = str(reader.folder) if reader.is_pickle else None
-    futs = [client.submit(write_block, str(state.path), index,
-                          [PieceSpec(by_name[p.name], state.tensors[p.name].path, p.start, p.stop)
-                           for p in task], pickle_folder, pure=False)
-            for task in tasks]
-    total, nonfinite = 0, {}
-    try:
-        for fut in as_completed(futs):
-            res: BlockResult = fut.result()
-            total += res.nbytes
-            for name, counts in res.nonfinite.items():
-                old = nonfinite.get(name, [0, 0, 0])
-                nonfinite[name] = [a + b for a, b in zip(old, counts, strict=True)]
-            if bar is not None:
-                bar.update(res.nbytes)
-    except BaseException:
-        client.cancel(futs)
-        raise
-    return total, nonfinite
+        rows = chunk_rows(info.shape, itemsize, chunk_bytes)
+        entry = state.tensors[info.name]
+        for p in plan_pieces(info.name, info.shape, itemsize, rows, block_bytes):
+            by_file.setdefault(info.file, []).append(
+                PieceSpec(info, entry.path, p.start, p.stop, rows))
+    out: list[RangeSpec] = []
+    for f, specs in by_file.items():
+        pieces = [Piece(str(i), s.start, s.stop, (s.stop - s.start) * s.info.row_bytes
+                        if s.info.shape else s.info.nbytes) for i, s in enumerate(specs)]
+        groups = [[specs[int(p.name)] for p in g] for g in group_tasks(pieces, block_bytes)]
+        if reader.is_pickle:
+            out.extend(RangeSpec(None, 0, 0, g) for g in groups)
+            continue
+        size = f.stat().st_size
+        starts = [0] + [g[0].info.offset + g[0].start * g[0].info.row_bytes for g in groups[1:]]
+        stops = starts[1:] + [size]
+        out.extend(RangeSpec(str(f), a, b, g) for a, b, g in
+                   zip(starts, stops, groups or [[]], strict=True))
+    return out
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -180,7 +189,7 @@ class _Ingester:
                 continue
             rec = state.record_for(cp.step)
             reader = CheckpointReader(cp.path, allow_pickle=self.opts.allow_pickle)
-            got = _digests(self.client, reader.files)
+            got = _verify_digests(self.client, reader.files, rec["files"])
             for fname, (size, digest) in got.items():
                 want = rec["files"].get(fname)
                 if want is None or want["digest"] != digest or want["size"] != size:
@@ -235,33 +244,94 @@ class _Ingester:
                 check_names(sorted(table))  # refuse unstorable names before creating anything
                 expected = table
             check_table(expected, table, cp.path)
-        done = 0
-        for cp, r in readers:
-            self.ingest_one(state, cp, r)
-            done += 1
-        return done
+        if readers:
+            self.ingest_steps(state, readers)
+        return len(readers)
 
-    def ingest_one(self, state: StoreState, cp: Checkpoint, reader: CheckpointReader) -> None:
-        from tqdm.auto import tqdm
-
-        index = len(state.steps)
-        before = snapshot(cp.path)
-        if index == 0:
+    def ingest_steps(self, state: StoreState,
+                     items: list[tuple[Checkpoint, CheckpointReader]]) -> None:
+        """Write the steps' chunks (several steps in flight), committing them in step order."""
+        index0 = len(state.steps)
+        if index0 == 0:
+            cp, reader = items[0]
             state.create(tensor_table(reader), reader.config,
                          {"run_dir": str(self.run_dir.resolve()),
                           "step_pattern": self.opts.step_pattern}, self.opts.chunk_bytes)
-        state.grow(index)
-        bar = tqdm(total=sum(i.nbytes for i in reader.tensors.values()), unit="B",
-                   unit_scale=True, desc=f"step {cp.step}", disable=not self.opts.progress,
-                   leave=False)
+        # one resize for the whole batch (positions past the last marker stay invisible)
+        state.grow(index0 + len(items) - 1)
+        if index0 == 0:  # the base must be stored before any step is encoded against it
+            self._run_steps(state, index0, items[:1])
+            index0, items = index0 + 1, items[1:]
+        if items:
+            self._run_steps(state, index0, items)
+
+    def _run_steps(self, state: StoreState, index0: int,
+                   items: list[tuple[Checkpoint, CheckpointReader]]) -> None:
+        from distributed import as_completed
+        from tqdm.auto import tqdm
+
         try:
-            digests = _digests(self.client, reader.files)
-            nbytes, nonfinite = _write_step(self.client, state, index, reader, self.opts, bar)
+            nthreads = sum(self.client.nthreads().values())
+        except Exception:  # a client without worker info
+            nthreads = 2
+        window = max(2, nthreads)
+        total = sum(i.nbytes for _, r in items for i in r.tensors.values())
+        bar = tqdm(total=total, unit="B", unit_scale=True, disable=not self.opts.progress,
+                   desc=f"steps {items[0][0].step}..{items[-1][0].step}", leave=False)
+        jobs: list[_StepJob] = []
+        owner: dict[Any, _StepJob] = {}
+        ac = as_completed()
+        nxt = 0
+
+        def submit_next() -> None:
+            nonlocal nxt
+            cp, reader = items[nxt]
+            job = _StepJob(index0 + nxt, cp, reader, snapshot(cp.path))
+            nxt += 1
+            futs = [self.client.submit(write_range, str(state.path), job.index, rng, pure=False)
+                    for rng in _plan_ranges(state, reader, self.opts.block_bytes)]
+            if reader.is_pickle:
+                futs += [self.client.submit(digest_task, str(f), pure=False)
+                         for f in reader.files]
+            job.remaining = len(futs)
+            for f in futs:
+                owner[f] = job
+                ac.add(f)
+            jobs.append(job)
+
+        try:
+            while nxt < len(items) and nxt < window:
+                submit_next()
+            while jobs:
+                head = jobs[0]
+                while head.remaining:
+                    fut = next(ac)
+                    res = fut.result()
+                    owner.pop(fut).add(res)
+                    if isinstance(res, BlockResult):
+                        bar.update(res.nbytes)
+                self.finish_step(state, head)
+                jobs.pop(0)
+                if nxt < len(items):
+                    submit_next()
+        except BaseException:
+            self.client.cancel(list(owner))
+            raise
         finally:
             bar.close()
-        if snapshot(cp.path) != before:
+
+    def finish_step(self, state: StoreState, job: _StepJob) -> None:
+        """Check the checkpoint did not move, then record and commit its position."""
+        cp = job.cp
+        if snapshot(cp.path) != job.before:
             raise PipelineError("checkpoint changed while it was being ingested; not committed",
                                 cp.path)
+        digests = dict(job.digests)
+        for path, blocks in job.blocks.items():
+            p = Path(path)
+            digests[p.name] = (job.before[p.name][0], combine_blocks(job.before[p.name][0],
+                                                                     blocks))
+        nonfinite = job.nonfinite
         if nonfinite:
             first = next(iter(nonfinite.items()))
             warnings.warn(f"{cp.path}: step {cp.step} has NaN/inf values in {len(nonfinite)} "
@@ -275,12 +345,40 @@ class _Ingester:
             "nonfinite": nonfinite,
             "ingested_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        state.commit(index, cp.step, record)
+        state.commit(job.index, cp.step, record)
         self.verified.add(cp.step)
         self.report.ingested.append(cp.step)
-        self.report.ingested_bytes += nbytes
+        self.report.ingested_bytes += job.nbytes
         if nonfinite:
             self.report.nonfinite[cp.step] = nonfinite
+
+
+@dataclass
+class _StepJob:
+    """One step in flight: its position, the futures left, and what they returned."""
+
+    index: int
+    cp: Checkpoint
+    reader: CheckpointReader
+    before: dict
+    remaining: int = 0
+    nbytes: int = 0
+    nonfinite: dict[str, list[int]] = field(default_factory=dict)
+    blocks: dict[str, dict[int, bytes]] = field(default_factory=dict)
+    digests: dict[str, tuple[int, str]] = field(default_factory=dict)
+
+    def add(self, res: Any) -> None:
+        self.remaining -= 1
+        if not isinstance(res, BlockResult):  # a pickle file's digest_task
+            path, size, digest = res
+            self.digests[Path(path).name] = (size, digest)
+            return
+        self.nbytes += res.nbytes
+        for name, counts in res.nonfinite.items():
+            old = self.nonfinite.get(name, [0, 0, 0])
+            self.nonfinite[name] = [a + b for a, b in zip(old, counts, strict=True)]
+        if res.file is not None:
+            self.blocks.setdefault(res.file, {}).update(res.blocks)
 
 
 def _rel(path: Path, base: Path) -> str:

@@ -17,7 +17,9 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 
-DIGEST_ALGO = "blake2b-256"
+DIGEST_ALGO = "blake2b-256"  # legacy: one hash over the whole file
+TREE_ALGO = "blake2b-256-tree1m"  # hash of the blake2b-256 digests of each 1 MiB block
+TREE_BLOCK = 1 << 20
 _BUF = 8 << 20
 LOCK_FILE = ".ingest.lock"
 
@@ -36,6 +38,56 @@ def file_digest(path: str | Path) -> str:
     except OSError as e:
         raise PipelineError(f"cannot read checkpoint file: {e.strerror}", path) from None
     return f"{DIGEST_ALGO}:{h.hexdigest()}"
+
+
+def combine_blocks(size: int, blocks: dict[int, bytes]) -> str:
+    """File digest from its per-block digests (block ``k`` = bytes ``[k * TREE_BLOCK, ...)``).
+
+    Blocks are fixed by file offset, not by how ingest splits its work, so
+    any set of tasks that hashes every block once gives the same digest, and
+    ``tree_digest`` (one sequential pass) gives it too.
+    """
+    n = -(-size // TREE_BLOCK)
+    if sorted(blocks) != list(range(n)):
+        raise AssertionError(f"block digests do not cover the file ({len(blocks)} of {n})")
+    h = hashlib.blake2b(digest_size=32)
+    h.update(size.to_bytes(8, "little"))
+    for k in range(n):
+        h.update(blocks[k])
+    return f"{TREE_ALGO}:{h.hexdigest()}"
+
+
+def block_digest(data: bytes | memoryview) -> bytes:
+    return hashlib.blake2b(data, digest_size=32).digest()
+
+
+def tree_digest(path: str | Path) -> str:
+    """``combine_blocks`` of a whole file, read sequentially in 1 MiB blocks."""
+    blocks: dict[int, bytes] = {}
+    buf = bytearray(TREE_BLOCK)
+    view = memoryview(buf)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            size = k = 0
+            while True:
+                got = 0
+                while got < TREE_BLOCK and (n := f.readinto(view[got:])):
+                    got += n
+                if not got:
+                    break
+                blocks[k] = block_digest(view[:got])
+                size += got
+                k += 1
+    except OSError as e:
+        raise PipelineError(f"cannot read checkpoint file: {e.strerror}", path) from None
+    return combine_blocks(size, blocks)
+
+
+def digest_like(path: str | Path, stored: str) -> str:
+    """Digest of ``path`` with the algorithm of a stored digest (stores made before the tree)."""
+    if stored.startswith(DIGEST_ALGO + ":"):
+        return file_digest(path)
+    return tree_digest(path)
 
 
 def snapshot(folder: Path) -> Snapshot:

@@ -1,22 +1,40 @@
-"""Functions that run on Dask workers: read a block, encode it, write its own chunks.
+"""Functions that run on Dask workers: read a byte range of a file, hash it, encode and write it.
 
 Each task gets plain picklable specs (no open files, no zarr objects) and
 opens what it needs, so it runs on any worker of any cluster that sees the
-same file system. Memory per task is about three times its block.
+same file system. A task owns a contiguous byte range of one weight file:
+it reads the tensors in it one chunk at a time (memory is a few chunks,
+whatever the task's size), hashes every byte of the range on the way (the
+file digest is combined from fixed 1 MiB blocks, see ``integrity``), and
+writes each chunk of its step position as one file.
+
+Chunks are written the way zarr itself writes them (same key, same codec,
+edge chunks padded with the fill value, all-fill chunks absent), without
+zarr's per-call machinery; ``tests/test_store_*`` checks the bytes are
+identical to zarr's. The base chunk for a step > 0 is read the same way.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import zarr
+from numcodecs import Blosc
 
-from pipeline.checkpoints.format import TensorInfo, read_rows_bits
-from pipeline.store.codec import count_nonfinite, encode
-from pipeline.store.integrity import file_digest
-from pipeline.store.layout import TENSORS_GROUP
+from pipeline.checkpoints.format import TensorInfo, bits_dtype, read_rows_bits
+from pipeline.errors import PipelineError
+from pipeline.store.codec import count_nonfinite, encode_inplace
+from pipeline.store.integrity import TREE_BLOCK, block_digest, tree_digest
+from pipeline.store.layout import CLEVEL, TENSORS_GROUP
+
+
+def chunk_codec(itemsize: int) -> Blosc:
+    """The numcodecs Blosc that zarr's ``BloscCodec`` of ``state.compressor`` runs."""
+    return Blosc(cname="zstd", clevel=CLEVEL, shuffle=Blosc.SHUFFLE, blocksize=0,
+                 typesize=itemsize)
 
 
 @dataclass(frozen=True)
@@ -27,52 +45,234 @@ class PieceSpec:
     array: str  # escaped path component under tensors/
     start: int
     stop: int
+    chunk_rows: int = 1  # rows per stored chunk of the array
+
+
+@dataclass(frozen=True)
+class RangeSpec:
+    """Bytes [start, stop) of one weight file (``file`` None: a pickle, not hashed here).
+
+    The task hashes the 1 MiB blocks that begin in its range (reading on up
+    to the block's end); the pieces all lie inside the range.
+    """
+
+    file: str | None
+    start: int
+    stop: int
+    pieces: list[PieceSpec] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class BlockResult:
     nbytes: int
     nonfinite: dict[str, tuple[int, int, int]]
+    file: str | None = None
+    blocks: dict[int, bytes] = field(default_factory=dict)  # block index -> digest
 
 
-def _read(spec: PieceSpec, pickle_folder: str | None) -> np.ndarray:
-    rows = slice(spec.start, spec.stop) if spec.info.shape else None
-    if pickle_folder is None:
-        return read_rows_bits(spec.info, rows)
-    from pipeline.checkpoints.reader import CheckpointReader
+class _RangeHasher:
+    """Hashes the fixed 1 MiB file blocks that begin in a task's range, from bytes in order."""
 
-    return CheckpointReader(pickle_folder, allow_pickle=True).read_bits(spec.info.name, rows)
+    def __init__(self, fd: int, start: int, stop: int) -> None:
+        self.fd = fd
+        self.pos = -(-start // TREE_BLOCK) * TREE_BLOCK  # next byte to hash: block-aligned
+        self.end = max(self.pos, -(-stop // TREE_BLOCK) * TREE_BLOCK)
+        self.blocks: dict[int, bytes] = {}
+        self._buf = bytearray()  # the current block's bytes so far
+
+    def feed(self, offset: int, data: memoryview) -> None:
+        """Bytes ``data`` found at ``offset`` (ascending; gaps are read from the file)."""
+        if offset > self.pos:
+            self._fill(offset)
+        skip = self.pos - offset
+        if skip >= len(data):
+            return
+        data = data[skip:]
+        while len(data):
+            k = (self.pos - len(self._buf)) // TREE_BLOCK
+            if not self._buf and len(data) >= TREE_BLOCK:
+                self.blocks[k] = block_digest(data[:TREE_BLOCK])
+                take = TREE_BLOCK
+            else:
+                take = min(TREE_BLOCK - len(self._buf), len(data))
+                self._buf += data[:take]
+                if len(self._buf) == TREE_BLOCK:
+                    self.blocks[k] = block_digest(self._buf)
+                    self._buf = bytearray()
+            self.pos += take
+            data = data[take:]
+
+    def _fill(self, upto: int) -> None:
+        """Read and hash the file's bytes [pos, upto) that no piece covers (header, tail)."""
+        while self.pos < upto:
+            data = os.pread(self.fd, min(upto - self.pos, TREE_BLOCK), self.pos)
+            if not data:
+                raise PipelineError("checkpoint file shrank while being ingested")
+            self.feed(self.pos, memoryview(data))
+
+    def finish(self, file_size: int) -> dict[int, bytes]:
+        self._fill(min(self.end, file_size))
+        if self._buf:  # the file's last, short block
+            self.blocks[(self.pos - len(self._buf)) // TREE_BLOCK] = block_digest(self._buf)
+            self._buf = bytearray()
+        return self.blocks
 
 
-def write_block(store: str, index: int, specs: list[PieceSpec],
-                pickle_folder: str | None = None) -> BlockResult:
-    """Encode and write position ``index`` of every piece; returns bytes and NaN/inf counts."""
-    arrays: dict[str, zarr.Array] = {}
+def _pread_rows(fd: int, info: TensorInfo, a: int, b: int) -> tuple[np.ndarray, memoryview]:
+    """Rows [a, b) of a tensor as writable bit patterns, and the raw bytes they came from."""
+    rb = info.row_bytes
+    count = (b - a) * rb
+    buf = bytearray(count)
+    view = memoryview(buf)
+    got = 0
+    while got < count:
+        n = os.preadv(fd, [view[got:]], info.offset + a * rb + got)
+        if n == 0:
+            raise PipelineError(f"truncated safetensors file while reading {info.name!r}",
+                                info.file)
+        got += n
+    shape = (b - a, *info.shape[1:]) if info.shape else ()
+    return np.frombuffer(buf, dtype=bits_dtype(info.dtype)).reshape(shape), view
+
+
+class _ChunkWriter:
+    """Reads and writes whole chunks of the tensor arrays of one store by file path."""
+
+    def __init__(self, store: str) -> None:
+        self.root = Path(store) / TENSORS_GROUP
+        self.codecs: dict[int, Blosc] = {}
+        self.dirs: set[Path] = set()
+
+    def path(self, array: str, coords: tuple[int, ...]) -> Path:
+        return self.root.joinpath(array, "c", *map(str, coords))
+
+    def codec(self, itemsize: int) -> Blosc:
+        c = self.codecs.get(itemsize)
+        if c is None:
+            c = self.codecs[itemsize] = chunk_codec(itemsize)
+        return c
+
+    def read(self, array: str, coords: tuple[int, ...], shape: tuple[int, ...],
+             dtype: np.dtype) -> np.ndarray:
+        """A whole stored chunk (the fill value 0 where zarr wrote nothing)."""
+        try:
+            raw = self.path(array, coords).read_bytes()
+        except FileNotFoundError:
+            return np.zeros(shape, dtype)
+        out = np.empty(shape, dtype)
+        self.codec(dtype.itemsize).decode(raw, out=out)
+        return out
+
+    def write(self, array: str, coords: tuple[int, ...], chunk: np.ndarray) -> None:
+        """Write one whole chunk atomically; an all-zero chunk is removed, as zarr does."""
+        path = self.path(array, coords)
+        if not chunk.any():
+            path.unlink(missing_ok=True)
+            return
+        data = self.codec(chunk.dtype.itemsize).encode(np.ascontiguousarray(chunk))
+        if path.parent not in self.dirs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.dirs.add(path.parent)
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _write_chunk(w: _ChunkWriter, spec: PieceSpec, index: int, a: int, bits: np.ndarray) -> None:
+    """Encode rows [a, a + len) of ``spec`` (at most one chunk) into position ``index``.
+
+    ``bits`` must be writable: it is encoded in place.
+    """
+    info = spec.info
+    if bits.size == 0:
+        return
+    if info.shape:
+        coords = (index, a // spec.chunk_rows, *(0 for _ in info.shape[1:]))
+        full = (spec.chunk_rows, *(max(s, 1) for s in info.shape[1:]))
+    else:  # a scalar is stored as (n_steps,) with chunks (1,)
+        bits, coords, full = bits.reshape(1), (index,), (1,)
+    if index > 0:
+        base = w.read(spec.array, (0, *coords[1:]), full, bits.dtype)
+        encode_inplace(bits, base[: bits.shape[0]])
+    if bits.shape[0] < full[0]:  # edge chunk: zarr pads it with the fill value
+        padded = np.zeros(full, bits.dtype)
+        padded[: bits.shape[0]] = bits
+        bits = padded
+    w.write(spec.array, coords, bits)
+
+
+def _row_spans(spec: PieceSpec) -> list[tuple[int, int]]:
+    """Chunk-aligned row ranges of a piece (one for a scalar)."""
+    if not spec.info.shape:
+        return [(0, 1)]
+    out, a, cr = [], spec.start, spec.chunk_rows
+    while a < spec.stop:
+        b = min(a - a % cr + cr, spec.stop)
+        out.append((a, b))
+        a = b
+    return out
+
+
+def write_range(store: str, index: int, rng: RangeSpec) -> BlockResult:
+    """Encode and write position ``index`` of every piece of ``rng``; hash its bytes."""
+    w = _ChunkWriter(store)
     nonfinite: dict[str, tuple[int, int, int]] = {}
     nbytes = 0
-    for spec in specs:
-        arr = arrays.get(spec.array)
-        if arr is None:
-            arr = arrays[spec.array] = zarr.open_array(
-                store, path=f"{TENSORS_GROUP}/{spec.array}", mode="r+")
-        bits = _read(spec, pickle_folder)
-        nbytes += bits.nbytes
-        counts = count_nonfinite(bits, spec.info.dtype)
-        if any(counts):
+
+    def count(spec: PieceSpec, bits: np.ndarray) -> None:
+        c = count_nonfinite(bits, spec.info.dtype)
+        if any(c):
             old = nonfinite.get(spec.info.name, (0, 0, 0))
-            nonfinite[spec.info.name] = tuple(a + b for a, b in zip(old, counts, strict=True))
-        if spec.info.shape:
-            region: tuple = (index, slice(spec.start, spec.stop))
-            base_region: tuple = (0, slice(spec.start, spec.stop))
-        else:
-            region, base_region = (index,), (0,)
-        if bits.size == 0:
-            continue
-        base = None if index == 0 else np.asarray(arr[base_region])
-        arr[region] = encode(bits, base)
-    return BlockResult(nbytes, nonfinite)
+            nonfinite[spec.info.name] = tuple(x + y for x, y in zip(old, c, strict=True))
+
+    if rng.file is None:  # pickle: torch reads the tensor, the digest is a separate task
+        from pipeline.checkpoints.reader import CheckpointReader
+
+        for spec in rng.pieces:
+            reader = CheckpointReader(spec.info.file.parent, allow_pickle=True)
+            rows = slice(spec.start, spec.stop) if spec.info.shape else None
+            block = np.array(reader.read_bits(spec.info.name, rows))  # a writable copy
+            nbytes += block.nbytes
+            count(spec, block)
+            for a, b in _row_spans(spec):
+                part = block[a - spec.start: b - spec.start] if spec.info.shape else block
+                _write_chunk(w, spec, index, a, part)
+        return BlockResult(nbytes, nonfinite)
+
+    fd = os.open(rng.file, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        hasher = _RangeHasher(fd, rng.start, rng.stop)
+        for spec in rng.pieces:
+            info = spec.info
+            for a, b in _row_spans(spec):
+                bits, raw = _pread_rows(fd, info, a, b)
+                hasher.feed(info.offset + a * info.row_bytes, raw)  # before encoding in place
+                nbytes += bits.nbytes
+                count(spec, bits)
+                _write_chunk(w, spec, index, a, bits)
+                del bits, raw
+        blocks = hasher.finish(size)
+    finally:
+        os.close(fd)
+    return BlockResult(nbytes, nonfinite, rng.file, blocks)
 
 
 def digest_task(path: str) -> tuple[str, int, str]:
     """(path, size, digest) of one checkpoint file."""
-    return path, Path(path).stat().st_size, file_digest(path)
+    return path, Path(path).stat().st_size, tree_digest(path)
+
+
+def legacy_digest_task(path: str, stored: str) -> tuple[str, int, str]:
+    """(path, size, digest) with the algorithm ``stored`` was made with."""
+    from pipeline.store.integrity import digest_like
+
+    return path, Path(path).stat().st_size, digest_like(path, stored)
+
+
+__all__ = ["BlockResult", "PieceSpec", "RangeSpec", "chunk_codec", "digest_task",
+           "legacy_digest_task", "read_rows_bits", "write_range"]
