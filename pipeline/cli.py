@@ -242,10 +242,9 @@ def extrapolate_cmd(
         ("bytes written", f"{res.bytes_written / 1e6:.1f} MB"),
         ("seconds", f"{res.seconds:.1f}"),
     ]
-    width = max(len(k) for k, _ in rows)
-    typer.echo(f"model written to {res.out}")
-    for k, v in rows:
-        typer.echo(f"  {k:<{width}}  {v}")
+    from pipeline.console import print_table
+
+    print_table(f"Model written to {res.out}", ["", "value"], rows)
 
 
 @app.command("backtest")
