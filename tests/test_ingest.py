@@ -349,3 +349,36 @@ def test_crash_then_resume_equals_uninterrupted(tiny_run_bf16: Path, cluster,
     assert data and {k for k in b if k.startswith(("tensors/", "step/"))} == set(data)
     assert all(a[k] == b[k] for k in data)
     assert_store_matches(crashed, run, [0, 10, 20, 30])
+
+
+def test_store_written_with_blake2b_digests_is_verified_with_them(tiny_run_bf16: Path, cluster,
+                                                                  tmp_path: Path) -> None:
+    import zarr
+
+    from pipeline.errors import PipelineError
+    from pipeline.store.integrity import BLAKE_TREE_ALGO, TREE_ALGO, tree_digest
+    from pipeline.store.layout import record_path
+
+    run = small_run(tiny_run_bf16, tmp_path / "run", [0, 10])
+    store = tmp_path / "s.zarr"
+    ingest(run, store, client=cluster, progress=False)
+    r = pipeline.open_run(store)
+    assert r.attrs["digest"] == TREE_ALGO
+    assert all(f["digest"].startswith(TREE_ALGO + ":") for rec in r.records
+               for f in rec["files"].values())
+    # make it look like a store from before xxh3: blake2b tree digests in the records
+    for i, s in enumerate(r.steps):
+        g = zarr.open_group(str(store), path=record_path(i), mode="r+")
+        rec = dict(g.attrs)
+        rec["files"] = {n: {**f, "digest": tree_digest(run / f"global_step_{s}" / n,
+                                                        BLAKE_TREE_ALGO)}
+                        for n, f in rec["files"].items()}
+        g.attrs.put(rec)
+    rep = ingest(run, store, client=cluster, progress=False)
+    assert rep.skipped == [0, 10] and rep.ingested == []
+    f = run / "global_step_10" / "model.safetensors"
+    sd = load_file(f)
+    sd["lm_head.weight"] = sd["lm_head.weight"] + 1
+    save_file(sd, f)
+    with pytest.raises(PipelineError, match="differ from stored step 10"):
+        ingest(run, store, client=cluster, progress=False)

@@ -105,3 +105,82 @@ def test_range_hashing_equals_sequential_digest(tmp_path: Path, seed: int) -> No
     finally:
         os.close(fd)
     assert combine_blocks(size, blocks) == tree_digest(f)
+
+
+def test_multi_step_task_equals_one_task_per_step(tmp_path: Path) -> None:
+    """``write_ranges`` (one base decode for several steps) writes what per-step tasks write."""
+    from safetensors.numpy import save_file
+
+    from pipeline.checkpoints.reader import CheckpointReader
+    from pipeline.store.ingest import _plan_ranges, tensor_table
+    from pipeline.store.tasks import write_range, write_ranges
+
+    rng = np.random.default_rng(1)
+    shapes = {"a": (37, 5), "b": (9,), "c": (), "d": (4, 3, 2)}
+    base = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    run = tmp_path / "run"
+    for step in range(4):
+        d = run / f"global_step_{step}"
+        d.mkdir(parents=True)
+        sd = {n: (v + (0 if step == 0 else rng.standard_normal(v.shape).astype(np.float32)
+                       * 1e-3 * (n != "d"))).astype(np.float32) for n, v in base.items()}
+        sd["a"][0, 0] = np.nan if step == 2 else sd["a"][0, 0]
+        save_file({n: np.ascontiguousarray(v) for n, v in sd.items()}, d / "model.safetensors")
+    readers = [CheckpointReader(run / f"global_step_{s}") for s in range(4)]
+    out = {}
+    for kind in ("one", "multi"):
+        store = tmp_path / f"{kind}.zarr"
+        store.mkdir()
+        st = StoreState(store)
+        st.create(tensor_table(readers[0]), None, {}, chunk_bytes=64)  # many small chunks
+        st.grow(3)
+        for r in _plan_ranges(st, readers[0], 200):
+            write_range(str(store), 0, r)
+        plans = [_plan_ranges(st, r, 200) for r in readers[1:]]
+        results = []
+        if kind == "one":
+            for i, plan in enumerate(plans):
+                results.append([write_range(str(store), i + 1, r) for r in plan])
+        else:
+            per_task = [write_ranges(str(store), [1, 2, 3], list(rs))
+                        for rs in zip(*plans, strict=True)]
+            results = [list(x) for x in zip(*per_task, strict=True)]
+        out[kind] = ({q.relative_to(store).as_posix(): q.read_bytes()
+                      for q in sorted((store / TENSORS_GROUP).rglob("*")) if q.is_file()},
+                     [(sorted((k, v) for b in rs for k, v in b.blocks.items()),
+                       sum(b.nbytes for b in rs), [b.nonfinite for b in rs]) for rs in results])
+    assert out["one"] == out["multi"]
+    files, per_step = out["multi"]
+    assert any(k.startswith("tensors/a/c/3/") for k in files)
+    assert {"a": (1, 0, 0)} in per_step[1][2]  # the NaN of step 2 is counted once
+    for step, (blocks, _, _) in zip(range(1, 4), per_step, strict=True):
+        f = run / f"global_step_{step}" / "model.safetensors"
+        assert combine_blocks(f.stat().st_size, dict(blocks)) == tree_digest(f)
+
+
+def test_digests_name_their_algorithm_and_old_ones_still_verify(tmp_path: Path) -> None:
+    import hashlib
+
+    from pipeline.store.integrity import (
+        BLAKE_TREE_ALGO,
+        DIGEST_ALGO,
+        TREE_ALGO,
+        digest_like,
+        file_digest,
+    )
+
+    f = tmp_path / "f.bin"
+    data = np.random.default_rng(0).integers(0, 256, 2 * TREE_BLOCK + 5, np.uint8).tobytes()
+    f.write_bytes(data)
+    new = tree_digest(f)
+    assert new.startswith(TREE_ALGO + ":") and digest_like(f, new) == new
+    assert digest_like(f, "") == new
+    # blake2b tree: what stores made before xxh3 hold, checked with their own algorithm
+    h = hashlib.blake2b(digest_size=32)
+    h.update(len(data).to_bytes(8, "little"))
+    for k in range(0, len(data), TREE_BLOCK):
+        h.update(hashlib.blake2b(data[k: k + TREE_BLOCK], digest_size=32).digest())
+    old = f"{BLAKE_TREE_ALGO}:{h.hexdigest()}"
+    assert digest_like(f, old) == old == tree_digest(f, BLAKE_TREE_ALGO)
+    whole = f"{DIGEST_ALGO}:{hashlib.blake2b(data, digest_size=32).hexdigest()}"
+    assert digest_like(f, whole) == whole == file_digest(f)

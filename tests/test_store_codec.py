@@ -73,3 +73,17 @@ def test_pieces_cover_rows_on_chunk_boundaries(rows: int, row_bytes: int, crows:
     tasks = group_tasks(pieces * 3, block)
     assert sum(len(t) for t in tasks) == 3 * len(pieces)
     assert all(len(t) == 1 or sum(p.nbytes for p in t) <= block for t in tasks)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_count_nonfinite_every_16_bit_pattern(dtype: str) -> None:
+    allbits = np.arange(1 << 16, dtype="<u2")
+    with np.errstate(all="ignore"):
+        f = allbits.view(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float16).astype(
+            np.float64)
+    want = (int(np.isnan(f).sum()), int(np.isposinf(f).sum()), int(np.isneginf(f).sum()))
+    assert count_nonfinite(allbits, dtype) == want
+    finite = allbits[np.isfinite(f)]
+    assert count_nonfinite(finite, dtype) == (0, 0, 0)
+    for k in np.flatnonzero(~np.isfinite(f))[::37]:  # any one special value is seen
+        assert sum(count_nonfinite(np.append(finite[::1000], allbits[k]), dtype)) == 1

@@ -73,15 +73,21 @@ _FLOAT_MASKS = {"bfloat16": (0x7F80, 15), "float16": (0x7C00, 15),
 
 
 def count_nonfinite(bits: NDArray, dtype: str) -> tuple[int, int, int]:
-    """(NaN, +inf, -inf) counts of a block given its bit patterns; zeros for non-floats."""
+    """(NaN, +inf, -inf) counts of a block given its bit patterns; zeros for non-floats.
+
+    NaN/inf are the patterns whose exponent bits are all ones. The common
+    case (none) is decided with two reductions over the bits as they are,
+    no temporary and no float conversion: as signed ints, a positive value
+    is special iff it is >= the exponent mask; as unsigned ints, a negative
+    one iff it is >= sign bit | exponent mask.
+    """
     if dtype not in _FLOAT_MASKS or bits.size == 0:
         return 0, 0, 0
     exp, sign_bit = _FLOAT_MASKS[dtype]
     u = bits.dtype.type
-    mag = bits & u((1 << sign_bit) - 1)
-    special = mag >= u(exp)
-    if not special.any():
+    if int(bits.view(_signed(bits.dtype)).max()) < exp and int(bits.max()) < (1 << sign_bit) | exp:
         return 0, 0, 0
+    mag = bits & u((1 << sign_bit) - 1)
     nan = int((mag > u(exp)).sum())
     inf = mag == u(exp)
     neg = (bits >> u(sign_bit)).astype(bool)

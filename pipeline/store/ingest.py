@@ -7,6 +7,11 @@ step's chunks with Dask tasks that read row blocks straight from the files,
 check the checkpoint did not change while being read, then commit. A crash
 anywhere before the commit leaves the step invisible; re-running the same
 command rewrites that position from scratch.
+
+Steps are written in batches of up to ``STEPS_PER_TASK``: each task covers
+the same rows of every step of its batch, so a base chunk is decompressed
+once per batch, not once per step. Commits stay in step order, one step at
+a time, after all of its batch's tasks are done.
 """
 
 from __future__ import annotations
@@ -40,8 +45,12 @@ from pipeline.store.tasks import (
     RangeSpec,
     digest_task,
     legacy_digest_task,
+    same_pieces,
     write_range,
+    write_ranges,
 )
+
+STEPS_PER_TASK = 8  # most steps one task encodes against one decompressed base chunk
 
 
 class NonFiniteWarning(UserWarning):
@@ -181,6 +190,7 @@ class _Ingester:
         self.verified: set[int] = set()
         self.seen: dict[Path, tuple[dict, float]] = {}
         self.report = IngestReport(store)
+        self.nthreads = 2
 
     def verify_stored(self, state: StoreState, cps: list[Checkpoint]) -> None:
         """Stored steps whose checkpoint is still there must hold the same bytes."""
@@ -265,55 +275,91 @@ class _Ingester:
         if items:
             self._run_steps(state, index0, items)
 
+    def _submit_batch(self, state: StoreState, index0: int,
+                      items: list[tuple[Checkpoint, CheckpointReader]],
+                      ) -> tuple[list[_StepJob], list[tuple[Any, list[_StepJob]]]]:
+        """Submit the tasks of consecutive steps at positions ``index0...``.
+
+        Returns the steps' jobs, and each future with the jobs it reports to
+        (a multi-step task returns one ``BlockResult`` per job, in order).
+        """
+        jobs = [_StepJob(index0 + i, cp, reader, snapshot(cp.path))
+                for i, (cp, reader) in enumerate(items)]
+        # a task reads about block_bytes, and a step splits into enough tasks for all workers
+        step_bytes = max(sum(i.nbytes for i in r.tensors.values()) for _, r in items)
+        per_step = max(1, min(self.opts.block_bytes, step_bytes // (3 * self.nthreads)))
+        block = max(1, min(self.opts.block_bytes // len(items), per_step))
+        plans = [_plan_ranges(state, r, block) for _, r in items]
+        batched = (len(items) > 1 and all(len(p) == len(plans[0]) for p in plans)
+                   and all(same_pieces(list(rs)) for rs in zip(*plans, strict=True)))
+        indices = [j.index for j in jobs]
+        subs: list[tuple[Any, list[_StepJob]]] = []
+        if batched:
+            for rs in zip(*plans, strict=True):
+                subs.append((self.client.submit(write_ranges, str(state.path), indices,
+                                                list(rs), pure=False), jobs))
+        else:  # layouts differ between steps (or a pickle): one task per range per step
+            for job, (_, reader) in zip(jobs, items, strict=True):
+                for rng in _plan_ranges(state, reader, per_step):
+                    subs.append((self.client.submit(write_range, str(state.path), job.index,
+                                                    rng, pure=False), [job]))
+                if reader.is_pickle:
+                    subs += [(self.client.submit(digest_task, str(f), pure=False), [job])
+                             for f in reader.files]
+        for _, owners in subs:
+            for job in owners:
+                job.remaining += 1
+        return jobs, subs
+
     def _run_steps(self, state: StoreState, index0: int,
                    items: list[tuple[Checkpoint, CheckpointReader]]) -> None:
         from distributed import as_completed
         from tqdm.auto import tqdm
 
         try:
-            nthreads = sum(self.client.nthreads().values())
+            self.nthreads = max(1, sum(self.client.nthreads().values()))
         except Exception:  # a client without worker info
-            nthreads = 2
-        window = max(2, nthreads)
+            self.nthreads = 2
         total = sum(i.nbytes for _, r in items for i in r.tensors.values())
         bar = tqdm(total=total, unit="B", unit_scale=True, disable=not self.opts.progress,
                    desc=f"steps {items[0][0].step}..{items[-1][0].step}", leave=False)
-        jobs: list[_StepJob] = []
-        owner: dict[Any, _StepJob] = {}
+        # batches of about equal size, at most STEPS_PER_TASK steps; two in flight, so the
+        # workers start on the next batch while the last tasks of the previous one finish
+        n_batches = -(-len(items) // STEPS_PER_TASK)
+        size = -(-len(items) // n_batches)
+        batches = [(index0 + a, items[a: a + size]) for a in range(0, len(items), size)]
+        owner: dict[Any, list[_StepJob]] = {}
         ac = as_completed()
+        jobs: list[_StepJob] = []
         nxt = 0
 
         def submit_next() -> None:
             nonlocal nxt
-            cp, reader = items[nxt]
-            job = _StepJob(index0 + nxt, cp, reader, snapshot(cp.path))
+            new, subs = self._submit_batch(state, *batches[nxt])
+            jobs.extend(new)
             nxt += 1
-            futs = [self.client.submit(write_range, str(state.path), job.index, rng, pure=False)
-                    for rng in _plan_ranges(state, reader, self.opts.block_bytes)]
-            if reader.is_pickle:
-                futs += [self.client.submit(digest_task, str(f), pure=False)
-                         for f in reader.files]
-            job.remaining = len(futs)
-            for f in futs:
-                owner[f] = job
-                ac.add(f)
-            jobs.append(job)
+            for fut, owners in subs:
+                owner[fut] = owners
+                ac.add(fut)
 
         try:
-            while nxt < len(items) and nxt < window:
+            while nxt < len(batches) and nxt < 2:
                 submit_next()
             while jobs:
                 head = jobs[0]
                 while head.remaining:
                     fut = next(ac)
                     res = fut.result()
-                    owner.pop(fut).add(res)
-                    if isinstance(res, BlockResult):
-                        bar.update(res.nbytes)
+                    owners = owner.pop(fut)
+                    results = res if isinstance(res, list) else [res]
+                    for job, r in zip(owners, results, strict=True):
+                        job.add(r)
+                        if isinstance(r, BlockResult):
+                            bar.update(r.nbytes)
                 self.finish_step(state, head)
                 jobs.pop(0)
-                if nxt < len(items):
-                    submit_next()
+                if nxt < len(batches) and (not jobs or jobs[0].index >= batches[nxt - 1][0]):
+                    submit_next()  # the batch before the newest is committed: keep two going
         except BaseException:
             self.client.cancel(list(owner))
             raise

@@ -1,7 +1,10 @@
 """Content digests, folder snapshots and the single-writer lock: what makes ingest safe to re-run.
 
 A digest per weight file per step lets a re-run skip steps whose checkpoint
-is unchanged and refuse one whose bytes changed. A snapshot (name, size,
+is unchanged and refuse one whose bytes changed. Every digest string starts
+with its algorithm's name (``name:hex``) and the store's root attributes
+name the algorithm new steps use (``digest``), so a store written with an
+older algorithm (blake2b) is still verified with that algorithm. A snapshot (name, size,
 mtime of every file) taken twice a settle interval apart tells a finished
 checkpoint from one still being written.
 """
@@ -14,11 +17,15 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import xxhash
 
 from pipeline.errors import PipelineError
 
 DIGEST_ALGO = "blake2b-256"  # legacy: one hash over the whole file
-TREE_ALGO = "blake2b-256-tree1m"  # hash of the blake2b-256 digests of each 1 MiB block
+BLAKE_TREE_ALGO = "blake2b-256-tree1m"  # legacy: blake2b-256 of the blake2b-256 block digests
+TREE_ALGO = "xxh3-128-tree1m"  # xxh3-128 of the size and the xxh3-128 digests of 1 MiB blocks
 TREE_BLOCK = 1 << 20
 _BUF = 8 << 20
 LOCK_FILE = ".ingest.lock"
@@ -40,7 +47,7 @@ def file_digest(path: str | Path) -> str:
     return f"{DIGEST_ALGO}:{h.hexdigest()}"
 
 
-def combine_blocks(size: int, blocks: dict[int, bytes]) -> str:
+def combine_blocks(size: int, blocks: dict[int, bytes], algo: str = TREE_ALGO) -> str:
     """File digest from its per-block digests (block ``k`` = bytes ``[k * TREE_BLOCK, ...)``).
 
     Blocks are fixed by file offset, not by how ingest splits its work, so
@@ -50,18 +57,36 @@ def combine_blocks(size: int, blocks: dict[int, bytes]) -> str:
     n = -(-size // TREE_BLOCK)
     if sorted(blocks) != list(range(n)):
         raise AssertionError(f"block digests do not cover the file ({len(blocks)} of {n})")
-    h = hashlib.blake2b(digest_size=32)
+    if algo == BLAKE_TREE_ALGO:
+        h = hashlib.blake2b(digest_size=32)
+    elif algo == TREE_ALGO:
+        h = xxhash.xxh3_128()
+    else:
+        raise ValueError(f"unknown digest algorithm {algo!r}")
     h.update(size.to_bytes(8, "little"))
     for k in range(n):
         h.update(blocks[k])
-    return f"{TREE_ALGO}:{h.hexdigest()}"
+    return f"{algo}:{h.hexdigest()}"
 
 
-def block_digest(data: bytes | memoryview) -> bytes:
-    return hashlib.blake2b(data, digest_size=32).digest()
+def block_hasher(algo: str = TREE_ALGO) -> Any:
+    """A streaming hasher of one block: ``update`` in pieces, ``digest`` = ``block_digest``."""
+    if algo == TREE_ALGO:
+        return xxhash.xxh3_128()
+    if algo == BLAKE_TREE_ALGO:
+        return hashlib.blake2b(digest_size=32)
+    raise ValueError(f"unknown digest algorithm {algo!r}")
 
 
-def tree_digest(path: str | Path) -> str:
+def block_digest(data: bytes | memoryview | bytearray, algo: str = TREE_ALGO) -> bytes:
+    if algo == TREE_ALGO:
+        return xxhash.xxh3_128_digest(data)
+    if algo == BLAKE_TREE_ALGO:
+        return hashlib.blake2b(data, digest_size=32).digest()
+    raise ValueError(f"unknown digest algorithm {algo!r}")
+
+
+def tree_digest(path: str | Path, algo: str = TREE_ALGO) -> str:
     """``combine_blocks`` of a whole file, read sequentially in 1 MiB blocks."""
     blocks: dict[int, bytes] = {}
     buf = bytearray(TREE_BLOCK)
@@ -75,19 +100,26 @@ def tree_digest(path: str | Path) -> str:
                     got += n
                 if not got:
                     break
-                blocks[k] = block_digest(view[:got])
+                blocks[k] = block_digest(view[:got], algo)
                 size += got
                 k += 1
     except OSError as e:
         raise PipelineError(f"cannot read checkpoint file: {e.strerror}", path) from None
-    return combine_blocks(size, blocks)
+    return combine_blocks(size, blocks, algo)
 
 
 def digest_like(path: str | Path, stored: str) -> str:
-    """Digest of ``path`` with the algorithm of a stored digest (stores made before the tree)."""
-    if stored.startswith(DIGEST_ALGO + ":"):
+    """Digest of ``path`` with the algorithm of a stored digest (its ``name:`` prefix).
+
+    Stores made before the tree (whole-file blake2b) or before xxh3 (blake2b
+    tree) are verified with their own algorithm; no stored digest: the current one.
+    """
+    algo = stored.partition(":")[0]
+    if algo == DIGEST_ALGO:
         return file_digest(path)
-    return tree_digest(path)
+    if algo == BLAKE_TREE_ALGO:
+        return tree_digest(path, BLAKE_TREE_ALGO)
+    return tree_digest(path, TREE_ALGO)
 
 
 def snapshot(folder: Path) -> Snapshot:

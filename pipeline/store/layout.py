@@ -3,7 +3,9 @@
 ::
 
     run.zarr/
-      zarr.json            root attrs["rlvr_lin"]: schema_version, encoding, tensor table
+      zarr.json            root attrs["rlvr_lin"]: schema_version, encoding, digest (file
+                           digest algorithm; each stored digest also starts with its
+                           algorithm's name), tensor table
                            (name -> path, dtype, shape), model_config, source, and a summary
                            of committed steps (sources, nonfinite) rewritten at each commit
       step/                int64 (n,), chunks (1,), fill -1. step[i] is written LAST for

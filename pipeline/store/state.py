@@ -21,6 +21,7 @@ from zarr.codecs import BloscCodec
 from pipeline.checkpoints.format import bits_dtype
 from pipeline.errors import PipelineError
 from pipeline.store.codec import ENCODING
+from pipeline.store.integrity import TREE_ALGO
 from pipeline.store.layout import (
     ATTRS_KEY,
     CLEVEL,
@@ -131,6 +132,7 @@ class StoreState:
             "model_config": model_config,
             "source": source,
             "chunk_bytes": chunk_bytes,
+            "digest": TREE_ALGO,  # algorithm of the file digests in records (name: prefix)
         }
         root = zarr.open_group(s, mode="a")  # the lock file is already there: not "w-"
         root.attrs.put({ATTRS_KEY: self.meta})

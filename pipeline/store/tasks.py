@@ -8,6 +8,10 @@ whatever the task's size), hashes every byte of the range on the way (the
 file digest is combined from fixed 1 MiB blocks, see ``integrity``), and
 writes each chunk of its step position as one file.
 
+A task may cover the same byte range of several steps (``write_ranges``):
+it then decompresses each base (step-0) chunk once and encodes every step's
+chunk against it, instead of once per step.
+
 Chunks are written the way zarr itself writes them (same key, same codec,
 edge chunks padded with the fill value, all-fill chunks absent), without
 zarr's per-call machinery; ``tests/test_store_*`` checks the bytes are
@@ -27,7 +31,7 @@ from numcodecs import Blosc
 from pipeline.checkpoints.format import TensorInfo, bits_dtype, read_rows_bits
 from pipeline.errors import PipelineError
 from pipeline.store.codec import count_nonfinite, encode_inplace
-from pipeline.store.integrity import TREE_BLOCK, block_digest, tree_digest
+from pipeline.store.integrity import TREE_BLOCK, block_digest, block_hasher, tree_digest
 from pipeline.store.layout import CLEVEL, TENSORS_GROUP
 
 
@@ -71,14 +75,18 @@ class BlockResult:
 
 
 class _RangeHasher:
-    """Hashes the fixed 1 MiB file blocks that begin in a task's range, from bytes in order."""
+    """Hashes the fixed 1 MiB file blocks that begin in a task's range, from bytes in order.
+
+    A block that arrives in pieces is hashed incrementally (no copy of it is kept).
+    """
 
     def __init__(self, fd: int, start: int, stop: int) -> None:
         self.fd = fd
         self.pos = -(-start // TREE_BLOCK) * TREE_BLOCK  # next byte to hash: block-aligned
         self.end = max(self.pos, -(-stop // TREE_BLOCK) * TREE_BLOCK)
         self.blocks: dict[int, bytes] = {}
-        self._buf = bytearray()  # the current block's bytes so far
+        self._h = None  # hasher of the current block, once some of its bytes were fed
+        self._n = 0  # bytes of the current block hashed so far
 
     def feed(self, offset: int, data: memoryview) -> None:
         """Bytes ``data`` found at ``offset`` (ascending; gaps are read from the file)."""
@@ -89,16 +97,19 @@ class _RangeHasher:
             return
         data = data[skip:]
         while len(data):
-            k = (self.pos - len(self._buf)) // TREE_BLOCK
-            if not self._buf and len(data) >= TREE_BLOCK:
+            k = (self.pos - self._n) // TREE_BLOCK
+            if not self._n and len(data) >= TREE_BLOCK:
                 self.blocks[k] = block_digest(data[:TREE_BLOCK])
                 take = TREE_BLOCK
             else:
-                take = min(TREE_BLOCK - len(self._buf), len(data))
-                self._buf += data[:take]
-                if len(self._buf) == TREE_BLOCK:
-                    self.blocks[k] = block_digest(self._buf)
-                    self._buf = bytearray()
+                take = min(TREE_BLOCK - self._n, len(data))
+                if self._h is None:
+                    self._h = block_hasher()
+                self._h.update(data[:take])
+                self._n += take
+                if self._n == TREE_BLOCK:
+                    self.blocks[k] = self._h.digest()
+                    self._h, self._n = None, 0
             self.pos += take
             data = data[take:]
 
@@ -112,9 +123,9 @@ class _RangeHasher:
 
     def finish(self, file_size: int) -> dict[int, bytes]:
         self._fill(min(self.end, file_size))
-        if self._buf:  # the file's last, short block
-            self.blocks[(self.pos - len(self._buf)) // TREE_BLOCK] = block_digest(self._buf)
-            self._buf = bytearray()
+        if self._n:  # the file's last, short block
+            self.blocks[(self.pos - self._n) // TREE_BLOCK] = self._h.digest()
+            self._h, self._n = None, 0
         return self.blocks
 
 
@@ -182,21 +193,37 @@ class _ChunkWriter:
             tmp.unlink(missing_ok=True)
 
 
-def _write_chunk(w: _ChunkWriter, spec: PieceSpec, index: int, a: int, bits: np.ndarray) -> None:
+def _chunk_at(spec: PieceSpec, index: int, a: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(chunk key coords, full chunk shape) of the chunk holding row ``a`` at position ``index``."""
+    info = spec.info
+    if info.shape:
+        return ((index, a // spec.chunk_rows, *(0 for _ in info.shape[1:])),
+                (spec.chunk_rows, *(max(s, 1) for s in info.shape[1:])))
+    return (index,), (1,)  # a scalar is stored as (n_steps,) with chunks (1,)
+
+
+def _base_chunk(w: _ChunkWriter, spec: PieceSpec, a: int) -> np.ndarray:
+    """The whole stored base (position 0) chunk holding row ``a`` of ``spec``."""
+    coords, full = _chunk_at(spec, 0, a)
+    return w.read(spec.array, coords, full, bits_dtype(spec.info.dtype))
+
+
+def _write_chunk(w: _ChunkWriter, spec: PieceSpec, index: int, a: int, bits: np.ndarray,
+                 base: np.ndarray | None = None) -> None:
     """Encode rows [a, a + len) of ``spec`` (at most one chunk) into position ``index``.
 
-    ``bits`` must be writable: it is encoded in place.
+    ``bits`` must be writable: it is encoded in place. ``base`` is the
+    chunk's base (``_base_chunk``), read here when not given.
     """
     info = spec.info
     if bits.size == 0:
         return
-    if info.shape:
-        coords = (index, a // spec.chunk_rows, *(0 for _ in info.shape[1:]))
-        full = (spec.chunk_rows, *(max(s, 1) for s in info.shape[1:]))
-    else:  # a scalar is stored as (n_steps,) with chunks (1,)
-        bits, coords, full = bits.reshape(1), (index,), (1,)
+    coords, full = _chunk_at(spec, index, a)
+    if not info.shape:
+        bits = bits.reshape(1)
     if index > 0:
-        base = w.read(spec.array, (0, *coords[1:]), full, bits.dtype)
+        if base is None:
+            base = _base_chunk(w, spec, a)
         encode_inplace(bits, base[: bits.shape[0]])
     if bits.shape[0] < full[0]:  # edge chunk: zarr pads it with the fill value
         padded = np.zeros(full, bits.dtype)
@@ -217,49 +244,88 @@ def _row_spans(spec: PieceSpec) -> list[tuple[int, int]]:
     return out
 
 
-def write_range(store: str, index: int, rng: RangeSpec) -> BlockResult:
-    """Encode and write position ``index`` of every piece of ``rng``; hash its bytes."""
-    w = _ChunkWriter(store)
+def _add_nonfinite(nonfinite: dict[str, tuple[int, int, int]], spec: PieceSpec,
+                   bits: np.ndarray) -> None:
+    c = count_nonfinite(bits, spec.info.dtype)
+    if any(c):
+        old = nonfinite.get(spec.info.name, (0, 0, 0))
+        nonfinite[spec.info.name] = tuple(x + y for x, y in zip(old, c, strict=True))
+
+
+def _write_pickle_range(w: _ChunkWriter, index: int, rng: RangeSpec) -> BlockResult:
+    """A pickle's pieces: torch reads each tensor, the digest is a separate task."""
+    from pipeline.checkpoints.reader import CheckpointReader
+
     nonfinite: dict[str, tuple[int, int, int]] = {}
     nbytes = 0
+    for spec in rng.pieces:
+        reader = CheckpointReader(spec.info.file.parent, allow_pickle=True)
+        rows = slice(spec.start, spec.stop) if spec.info.shape else None
+        block = np.array(reader.read_bits(spec.info.name, rows))  # a writable copy
+        nbytes += block.nbytes
+        _add_nonfinite(nonfinite, spec, block)
+        for a, b in _row_spans(spec):
+            part = block[a - spec.start: b - spec.start] if spec.info.shape else block
+            _write_chunk(w, spec, index, a, part)
+    return BlockResult(nbytes, nonfinite)
 
-    def count(spec: PieceSpec, bits: np.ndarray) -> None:
-        c = count_nonfinite(bits, spec.info.dtype)
-        if any(c):
-            old = nonfinite.get(spec.info.name, (0, 0, 0))
-            nonfinite[spec.info.name] = tuple(x + y for x, y in zip(old, c, strict=True))
 
-    if rng.file is None:  # pickle: torch reads the tensor, the digest is a separate task
-        from pipeline.checkpoints.reader import CheckpointReader
+def same_pieces(rngs: list[RangeSpec]) -> bool:
+    """Whether ranges of several steps cover the same rows of the same tensors, in order."""
+    def key(r: RangeSpec) -> list[tuple]:
+        return [(p.info.name, p.array, p.start, p.stop, p.chunk_rows, p.info.dtype)
+                for p in r.pieces]
+    return all(r.file is not None for r in rngs) and all(key(r) == key(rngs[0])
+                                                          for r in rngs[1:])
 
-        for spec in rng.pieces:
-            reader = CheckpointReader(spec.info.file.parent, allow_pickle=True)
-            rows = slice(spec.start, spec.stop) if spec.info.shape else None
-            block = np.array(reader.read_bits(spec.info.name, rows))  # a writable copy
-            nbytes += block.nbytes
-            count(spec, block)
-            for a, b in _row_spans(spec):
-                part = block[a - spec.start: b - spec.start] if spec.info.shape else block
-                _write_chunk(w, spec, index, a, part)
-        return BlockResult(nbytes, nonfinite)
 
-    fd = os.open(rng.file, os.O_RDONLY)
+def write_ranges(store: str, indices: list[int], rngs: list[RangeSpec]) -> list[BlockResult]:
+    """``write_range`` of several steps whose ranges hold the same pieces (``same_pieces``).
+
+    Chunk by chunk: the base chunk is decompressed once, then each step's
+    rows are read, hashed, counted, encoded against it and written. Memory
+    is the base chunk and one step's chunk, whatever the number of steps.
+    """
+    if len(indices) != len(rngs):
+        raise ValueError("one position per range")
+    w = _ChunkWriter(store)
+    if len(rngs) == 1 and rngs[0].file is None:
+        return [_write_pickle_range(w, indices[0], rngs[0])]
+    if not same_pieces(rngs):
+        raise ValueError("ranges of a multi-step task must hold the same pieces")
+    fds: list[int] = []
     try:
-        size = os.fstat(fd).st_size
-        hasher = _RangeHasher(fd, rng.start, rng.stop)
-        for spec in rng.pieces:
-            info = spec.info
-            for a, b in _row_spans(spec):
-                bits, raw = _pread_rows(fd, info, a, b)
-                hasher.feed(info.offset + a * info.row_bytes, raw)  # before encoding in place
-                nbytes += bits.nbytes
-                count(spec, bits)
-                _write_chunk(w, spec, index, a, bits)
-                del bits, raw
-        blocks = hasher.finish(size)
+        for r in rngs:
+            fds.append(os.open(r.file, os.O_RDONLY))
+        sizes = [os.fstat(fd).st_size for fd in fds]
+        hashers = [_RangeHasher(fd, r.start, r.stop) for fd, r in zip(fds, rngs, strict=True)]
+        nonfinite: list[dict[str, tuple[int, int, int]]] = [{} for _ in rngs]
+        nbytes = [0] * len(rngs)
+        for p, spec0 in enumerate(rngs[0].pieces):
+            for a, b in _row_spans(spec0):
+                base = None
+                for j, (index, rng) in enumerate(zip(indices, rngs, strict=True)):
+                    spec = rng.pieces[p]
+                    info = spec.info
+                    bits, raw = _pread_rows(fds[j], info, a, b)
+                    hashers[j].feed(info.offset + a * info.row_bytes, raw)  # before encoding
+                    nbytes[j] += bits.nbytes
+                    _add_nonfinite(nonfinite[j], spec, bits)
+                    if index > 0 and base is None and bits.size:
+                        base = _base_chunk(w, spec, a)  # once for all steps of the task
+                    _write_chunk(w, spec, index, a, bits, base)
+                    del bits, raw
+        blocks = [h.finish(size) for h, size in zip(hashers, sizes, strict=True)]
     finally:
-        os.close(fd)
-    return BlockResult(nbytes, nonfinite, rng.file, blocks)
+        for fd in fds:
+            os.close(fd)
+    return [BlockResult(n, nf, r.file, bl)
+            for n, nf, r, bl in zip(nbytes, nonfinite, rngs, blocks, strict=True)]
+
+
+def write_range(store: str, index: int, rng: RangeSpec) -> BlockResult:
+    """Encode and write position ``index`` of every piece of ``rng``; hash its bytes."""
+    return write_ranges(store, [index], [rng])[0]
 
 
 def digest_task(path: str) -> tuple[str, int, str]:
@@ -275,4 +341,4 @@ def legacy_digest_task(path: str, stored: str) -> tuple[str, int, str]:
 
 
 __all__ = ["BlockResult", "PieceSpec", "RangeSpec", "chunk_codec", "digest_task",
-           "legacy_digest_task", "read_rows_bits", "write_range"]
+           "legacy_digest_task", "read_rows_bits", "same_pieces", "write_range", "write_ranges"]
