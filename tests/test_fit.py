@@ -164,6 +164,15 @@ def test_flip_mask_is_counter_based() -> None:
     assert 0.45 < whole.mean() < 0.55
     for lo, hi in [(0, 1), (255, 257), (1000, 4321), (4999, 5000)]:
         np.testing.assert_array_equal(K.flip_mask(7, "t", 30, lo, hi), whole[lo:hi])
+    # long ranges are generated a chunk at a time: the stream must not notice
+    chunk = K.SIGN_CHUNK * K.SIGN_BLOCK
+    long = K.flip_mask(7, "t", 30, 0, 3 * chunk + 1000)
+    np.testing.assert_array_equal(long[:5000], whole)
+    for lo, hi in [(chunk - 3, chunk + 3), (100, 2 * chunk + 77), (chunk + 1, 3 * chunk + 1000)]:
+        np.testing.assert_array_equal(K.flip_mask(7, "t", 30, lo, hi), long[lo:hi])
+    many = K.flip_masks(7, "t", [30, 40], 100, 9000)
+    np.testing.assert_array_equal(many[0], long[100:9000])
+    np.testing.assert_array_equal(many[1], K.flip_mask(7, "t", 40, 100, 9000))
     assert not np.array_equal(K.flip_mask(7, "t", 40, 0, 5000), whole)
     assert not np.array_equal(K.flip_mask(7, "u", 30, 0, 5000), whole)
 
@@ -188,6 +197,129 @@ def test_static_exact_and_distinct_capped_on_known_values() -> None:
     np.testing.assert_array_equal(fit.distinct4, [False, False, False, True, False])
     assert np.isnan(fit.r2[[0, 2, 4]]).all()
     assert fit.slope[0] == 0.0 and fit.intercept[0] == 1.0
+
+
+def _few_values(rng: np.random.Generator, k: int, m: int, dtype) -> np.ndarray:
+    """k steps of m elements, each element drawing from 1..6 values (+0/-0, a NaN, an inf)."""
+    pool = np.array([0.0, -0.0, 1.0, 2.0, 3.0, 0.5, np.nan, np.inf], np.float32).astype(dtype)
+    n_vals = rng.integers(1, 7, m)
+    idx = (rng.random((k, m)) * n_vals).astype(np.int64)
+    idx[:, rng.random(m) < 0.02] = 6  # some elements are NaN throughout
+    idx[rng.integers(0, k), rng.random(m) < 0.02] = 7  # some see an inf once
+    return pool[idx]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_update_batched_equals_step_by_step(dtype, monkeypatch) -> None:
+    """All steps at once, in any split, or one at a time: the same state, bit for bit."""
+    import ml_dtypes as mld
+
+    dt = np.dtype(getattr(mld, dtype, dtype))
+    rng = np.random.default_rng(5)
+    k, m = 13, 3001
+    walk = (np.cumsum(rng.integers(-1, 2, (k, m)) * (rng.random((k, m)) < 0.4), 0)
+            * 2.0 ** -9 + rng.standard_normal(m) * 0.02)
+    for vals in (_few_values(rng, k, m, dt), walk.astype(np.float32).astype(dt)):
+        steps = list(range(0, 10 * k, 10))
+        flips = K.flip_masks(3, "t", steps, 0, m)
+        states = []
+        for splits in ([k - 1], [1] * (k - 1), [5, 2, 5], [11, 1]):
+            if splits == [5, 2, 5]:
+                monkeypatch.setattr(K, "MAX_STEPS", 3)  # groups inside one update too
+            st = K.init_state(vals[0])
+            i = 1
+            for n in splits:
+                K.update(st, vals[i:i + n], [float(s) for s in steps[i:i + n]], flips[i:i + n])
+                i += n
+            states.append(st)
+        for st in states[1:]:
+            np.testing.assert_array_equal(st.f64, states[0].f64)  # NaN == NaN here
+            np.testing.assert_array_equal(st.has4, states[0].has4)
+            np.testing.assert_array_equal(st.w0, states[0].w0)
+            np.testing.assert_array_equal(st.wlast, states[0].wlast)
+        # distinct values counted exactly (values, so -0.0 is 0.0; the NaN pattern is one value)
+        fit = K.finalize(states[0], K.XStats.from_steps(steps), dt)
+        f = vals.astype(np.float64)
+        n_distinct = np.array([np.unique(f[:, i]).size for i in range(m)])
+        np.testing.assert_array_equal(fit.distinct4, n_distinct >= K.MIN_DISTINCT)
+        np.testing.assert_array_equal(fit.nonfinite, ~np.isfinite(f).all(0))
+        np.testing.assert_array_equal(fit.static, (f == f[:1]).all(0) & np.isfinite(f).all(0))
+
+
+def test_finish_matches_finalize_select_summarize() -> None:
+    """The fused tile pass gives what the block-wide functions define."""
+    import ml_dtypes as mld
+
+    rng = np.random.default_rng(9)
+    k, m, n_bins = 9, 70001, 20  # several tiles, the last one short
+    vals = _few_values(rng, k, m, mld.bfloat16)
+    vals[:, ::3] = (rng.standard_normal((k, 1)) * 0.01 + np.arange(k)[:, None] * 1e-3
+                    * rng.random(-(-m // 3))).astype(mld.bfloat16)
+    steps = list(range(0, 10 * k, 10))
+    st = K.init_state(vals[0])
+    K.update(st, vals[1:], [float(s) for s in steps[1:]], K.flip_masks(0, "t", steps[1:], 0, m))
+    xst = K.XStats.from_steps(steps)
+    fit = K.finalize(st, xst, vals.dtype)
+    ws = K.Workspace()
+    results = {r: np.empty(m, np.float32) for r in K.RESULTS}
+    tot = K.finish(st, xst, vals.dtype, n_bins, results, ws)
+    for r in K.RESULTS:
+        np.testing.assert_array_equal(results[r], getattr(fit, r).astype(np.float32))
+    assert tot.n_static == int(fit.static.sum()) > 0
+    assert tot.n_nonfinite == int(fit.nonfinite.sum()) > 0
+    for name, paper in K.SELECTIONS.items():
+        sel = K.select(fit, paper)
+        want = K.summarize(fit, sel, n_bins)
+        got = tot.summaries[name]
+        assert want.n_selected > 0
+        np.testing.assert_array_equal(got.hist, want.hist)
+        np.testing.assert_array_equal(got.null_hist, want.null_hist)
+        assert (got.n_selected, got.n_above, got.null_above) == \
+            (want.n_selected, want.n_above, want.null_above)
+        assert got.r2_sum == pytest.approx(want.r2_sum, rel=1e-12)
+        assert got.null_sum == pytest.approx(want.null_sum, rel=1e-12)
+        assert tot.removed[name] == (sel.removed_min_change, sel.removed_distinct)
+        assert tot.n_static + tot.n_nonfinite + tot.summaries["moving"].n_selected == m
+
+
+def test_nonfinite_elements_have_their_own_count(tiny_run_bf16, copy_run, client) -> None:
+    """A NaN and an inf injected into a real checkpoint: counted, never binned, never static."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.store.ingest import NonFiniteWarning
+
+    run = copy_run(tiny_run_bf16)
+    name = "model.layers.0.mlp.down_proj.weight"
+    cp = discover_checkpoints(run)[3]
+    (f,) = [f for f in cp.path.glob("*.safetensors") if name in safe_open(str(f), "pt").keys()]
+    sd = load_file(str(f))
+    w = sd[name].clone()
+    w.view(-1)[[5, 17]] = torch.tensor([float("nan"), float("inf")], dtype=w.dtype)
+    sd[name] = w
+    save_file(sd, str(f), metadata={"format": "pt"})
+    with pytest.warns(NonFiniteWarning, match=name):
+        ingest(run, run.with_name("nan.zarr"), client=client, progress=False)
+    rep = fit_store(run.with_name("nan.zarr"), client=client, progress=False)
+    steps, data = load_checkpoints(run)
+    fit = open_fit(rep.fit_dir)
+    for sel in ("moving", "paper"):
+        ds = rep.histograms[sel]
+        i = list(ds.tensor.values).index(name)
+        assert int(ds.n_nonfinite[i]) == 2
+        assert int(ds.n_nonfinite.sum()) == 2
+        moving = ds.n_elements - ds.n_static - ds.n_nonfinite
+        kept = ds.n_selected + ds.removed_min_change + ds.removed_distinct
+        np.testing.assert_array_equal(kept.values, moving.values)
+        row = summary_frames(ds)["tensors"].set_index("tensor").loc[name]
+        assert row.n_nonfinite == 2
+    r2 = fit[name].r2.values.reshape(-1)
+    assert np.isnan(r2[[5, 17]]).all()
+    with np.errstate(invalid="ignore"):
+        ref = reference_fit(steps, data[name])
+    ok = np.isfinite(ref["r2"])
+    assert ok.sum() == ref["r2"].size - int(ref["static"].sum()) - 2
+    assert np.all(np.abs(r2[ok] - ref["r2"][ok]) <= 1e-5)
 
 
 def test_incremental_update_equals_scratch(tiny_run_bf16, copy_run, tmp_path, client) -> None:
@@ -276,7 +408,7 @@ def test_cli_fit_and_report(store_bf16, tmp_path) -> None:
     assert "overall" in res.output and "< 4 distinct values" in res.output
     assert open_fit(out).steps == [0, 10, 20, 30, 40, 50, 60]
     res = CliRunner().invoke(app, ["report", str(store_bf16), "--fit", str(out),
-                                   "--out", str(tmp_path / "rep")])
+                                   "--out", str(tmp_path / "rep"), "--no-backtest"])
     assert res.exit_code == 0, res.output
     page = (tmp_path / "rep" / "index.html").read_text()
     assert page.count("data:image/png;base64,") == 4

@@ -3,15 +3,18 @@
 One task = a few row blocks ("pieces") of ~``block_bytes`` of checkpoint data
 per step: big tensors are split into chunk-aligned row blocks, small tensors
 share a task, so the number of tasks follows the bytes, not the tensor
-count. A task reads its pieces step by step through the ``SourceRef``,
-updates the sufficient statistics, writes results and state for its own
-chunks and returns only small additive summaries (histograms, counts).
-Memory per task is bounded by its block (about 100 bytes of state per
-element plus a few steps of reads), never by the model or the number of steps.
+count. A task reads all new steps of a piece at once (up to
+``READ_BUDGET_BYTES``) through the ``SourceRef``, updates the sufficient
+statistics in one pass, writes results and state for its own chunks and
+returns only small additive summaries (histograms, counts). Memory per task
+is bounded by its block (about 110 bytes of state, flip signs and results
+per element, kept in a per-thread workspace, plus the steps read), never by
+the model or the number of steps.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,11 +78,13 @@ class TensorSummary:
 
     n_elements: int = 0
     n_static: int = 0
+    n_nonfinite: int = 0  # a NaN or inf value in the window: neither static nor fitted
     selections: dict[str, SelectionSummary] = field(default_factory=dict)
 
     def add(self, o: TensorSummary) -> None:
         self.n_elements += o.n_elements
         self.n_static += o.n_static
+        self.n_nonfinite += o.n_nonfinite
         for k, v in o.selections.items():
             if k in self.selections:
                 self.selections[k].add(v)
@@ -110,39 +115,55 @@ def _row_elems(shape: tuple[int, ...]) -> int:
     return n
 
 
+_WORKSPACE = threading.local()
+
+
+def workspace() -> K.Workspace:
+    """This thread's scratch buffers, kept between tasks (see ``kernels.Workspace``)."""
+    ws = getattr(_WORKSPACE, "ws", None)
+    if ws is None:
+        ws = _WORKSPACE.ws = K.Workspace()
+    return ws
+
+
 def fit_piece(src: Any, t: TensorPlan, piece: Piece, cfg: FitConfig,
               xst: K.XStats) -> TensorSummary:
-    """Bring one piece's state up to the last step, write its results, summarise it."""
+    """Bring one piece's state up to the last step, write its results, summarise it.
+
+    Every new step of the piece is read (``READ_BUDGET_BYTES`` at a time,
+    usually all of them at once) and applied in one ``kernels.update``; the
+    state, flip masks and results live in this thread's workspace.
+    """
+    ws = workspace()
     rows = slice(piece.start, piece.stop) if t.shape else None
     flat0 = piece.start * _row_elems(t.shape) if t.shape else 0
     m = (piece.stop - piece.start) * _row_elems(t.shape) if t.shape else 1
     dtype = logical_dtype(t.dtype)
     steps = cfg.steps
-    if cfg.done == 0:
-        first = src.read_block(t.name, slice(cfg.first_position, cfg.first_position + 1), rows)
-        state = K.init_state(first.reshape(-1))
-        done = 1
-    else:
-        state = read_state(cfg.fit_dir, t, rows)
-        done = cfg.done
     batch = max(1, READ_BUDGET_BYTES // max(1, m * dtype.itemsize))
-    for i in range(done, len(steps), batch):
+    state = None if cfg.done == 0 else read_state(cfg.fit_dir, t, rows)
+    # a fresh fit reads the first step with the next ones: row 0 starts the state
+    i = 0 if state is None else cfg.done
+    while i < len(steps):
         j = min(i + batch, len(steps))
         vals = src.read_block(t.name, slice(cfg.first_position + i, cfg.first_position + j),
                               rows).reshape(j - i, m)
-        flips = [K.flip_mask(cfg.seed, t.name, steps[k], flat0, flat0 + m) for k in range(i, j)]
-        K.update(state, vals, [float(steps[k] - steps[0]) for k in range(i, j)], flips)
-    fit = K.finalize(state, xst, dtype)
-    results = {"slope": fit.slope, "intercept": fit.intercept, "r2": fit.r2,
-               "null_r2": fit.null_r2}
+        if state is None:
+            state = K.init_state(vals[0], ws)
+            vals, i = vals[1:], i + 1
+        flips = K.flip_masks(cfg.seed, t.name, steps[i:j], flat0, flat0 + m, ws)
+        K.update(state, vals, [float(steps[k] - steps[0]) for k in range(i, j)], flips, ws)
+        del vals, flips
+        i = j
+    assert state is not None  # a window has at least 2 steps
+    results = {r: ws.get(f"result_{r}", (m,), np.float32) for r in K.RESULTS}
+    tot = K.finish(state, xst, dtype, cfg.n_bins, results, ws)
     write_piece(cfg.fit_dir, t, rows, results, state)
-    out = TensorSummary(n_elements=m, n_static=int(fit.static.sum()))
-    for name, paper in (("moving", False), ("paper", True)):
-        sel = K.select(fit, paper)
-        b = K.summarize(fit, sel, cfg.n_bins)
+    out = TensorSummary(n_elements=m, n_static=tot.n_static, n_nonfinite=tot.n_nonfinite)
+    for name, b in tot.summaries.items():
         out.selections[name] = SelectionSummary(
-            b.hist, b.null_hist, b.n_selected, sel.removed_min_change, sel.removed_distinct,
-            b.r2_sum, b.null_sum, b.n_above, b.null_above)
+            b.hist, b.null_hist, b.n_selected, *tot.removed[name], b.r2_sum, b.null_sum,
+            b.n_above, b.null_above)
     return out
 
 

@@ -24,22 +24,27 @@ Model, for every scalar weight w at steps s_1 < ... < s_N of a window:
   in which steps arrive.
 * Authors' filters (``--paper-filters``): max - min over steps > 1e-4 (from the
   running min/max of d), and at least 4 distinct values. Distinct values are
-  counted exactly but capped: besides the first value we remember the first
-  two *other* bit patterns seen (v1, v2) and a flag set when a fourth distinct
-  pattern appears (-0.0 is folded into +0.0, so values, not bits, count).
-  That is exact for the threshold and costs 2 raw values + 1 byte per element,
-  where a change counter would over-count values that come back.
+  counted exactly but capped: besides the first value we remember two *other*
+  bit patterns seen (v1, v2) and a flag set when a fourth distinct pattern
+  appears (-0.0 is folded into +0.0, so values, not bits, count). That is
+  exact for the threshold and costs 2 raw values + 1 flag per element, where
+  a change counter would over-count values that come back.
+* NaN/inf weights (stored bit-exact) make Σd² non-finite: such elements are
+  counted as ``nonfinite``, neither static nor binned.
 
-Every update is elementwise and applied step by step in step order, so a
-fit updated one appended step at a time is bitwise identical to a fit from
-scratch, whatever the blocking.
+Speed: ``update`` applies all new steps of a block at once, tile by tile, on
+(steps x tile) slabs, so each numpy call does the work of many steps. The
+float64 sums still add one step after the other in step order (see
+``update``), so a fit updated one appended step at a time is bitwise
+identical to a fit from scratch, whatever the blocking. Large buffers come
+from a ``Workspace`` that outlives a block (fresh large arrays page-fault).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 import numpy as np
@@ -48,8 +53,10 @@ MIN_CHANGE = 1e-4  # authors' filter: max - min over steps must exceed this
 MIN_DISTINCT = 4  # authors' filter: at least this many distinct values
 TILE = 1 << 16  # values per (k steps x elements) tile: its float64 slabs stay in cache
 TILE_MIN = 1024  # elements per tile at least, however many steps
+MAX_STEPS = 64  # steps per slab; more are applied in groups of this many
 SIGN_WORD_BITS = 64
 SIGN_BLOCK = 256  # elements per Philox counter increment (4 words of 64 bits)
+SIGN_CHUNK = 256  # Philox blocks unpacked at a time (64 Ki elements)
 
 
 def bits_dtype(dtype: np.dtype) -> np.dtype:
@@ -89,6 +96,37 @@ class XStats:
     @property
     def centred_sxx(self) -> float:
         return self.sxx - self.sx * self.sx / self.n
+
+
+class Workspace:
+    """Reusable scratch buffers, one per role, grown on demand.
+
+    Dask workers run with ``MALLOC_TRIM_THRESHOLD_`` set, which pins glibc's
+    mmap threshold at 128 KiB: every larger temporary is a fresh mapping and
+    costs a page fault per 4 KiB on first touch (~2 ns a byte here, more than
+    the arithmetic). Arrays that kernels put in a workspace are views into
+    it, valid until the next call that asks for the same role.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, np.ndarray] = {}
+
+    def get(self, role: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+        dt = np.dtype(dtype)
+        n = int(np.prod(shape, dtype=np.int64))
+        buf = self._bufs.get(role)
+        if buf is None or buf.nbytes < n * dt.itemsize:
+            buf = self._bufs[role] = np.empty(max(n * dt.itemsize, 1), np.uint8)
+        return buf[: n * dt.itemsize].view(dt).reshape(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self._bufs.values())
+
+
+def _get(ws: Workspace | None, role: str, shape: tuple[int, ...],
+         dtype: np.dtype | type) -> np.ndarray:
+    return np.empty(shape, dtype) if ws is None else ws.get(role, shape, dtype)
 
 
 F64_FIELDS = ("sd", "sxd", "sdd", "se", "sxe", "see", "e", "dmin", "dmax")
@@ -160,23 +198,20 @@ def state_nbytes_per_element(dtype: np.dtype) -> int:
     return len(BITS_FIELDS) * np.dtype(dtype).itemsize + len(F64_FIELDS) * 8
 
 
-def init_state(w: np.ndarray) -> FitState:
+def init_state(w: np.ndarray, ws: Workspace | None = None) -> FitState:
     """State after the first step of the window: d = 0, e = 0, nothing seen but w0."""
     w = np.ascontiguousarray(w).reshape(-1)
-    b = _normalised_bits(w)
-    bits = np.empty((len(BITS_FIELDS), b.shape[0]), b.dtype)
-    bits[: len(RAW_FIELDS)] = b
-    bits[len(RAW_FIELDS)] = 0
-    return FitState(np.zeros((len(F64_FIELDS), b.shape[0]), np.float64), bits)
-
-
-def _normalised_bits(w: np.ndarray) -> np.ndarray:
-    """Bit patterns of ``w`` with -0.0 folded into +0.0 (a copy)."""
-    b = w.view(bits_dtype(w.dtype)).copy()
+    m = w.shape[0]
+    bits = _get(ws, "state_bits", (len(BITS_FIELDS), m), bits_dtype(w.dtype))
+    np.copyto(bits[0], w.view(bits.dtype))
     negz = _neg_zero(w.dtype)
     if negz is not None:
-        b[b == negz] = 0
-    return b
+        np.copyto(bits[0], 0, where=bits[0] == negz)
+    bits[1: len(RAW_FIELDS)] = bits[0]
+    bits[len(RAW_FIELDS)] = 0
+    f64 = _get(ws, "state_f64", (len(F64_FIELDS), m), np.float64)
+    f64.fill(0.0)
+    return FitState(f64, bits)
 
 
 def sign_key(seed: int, tensor: str, step: int) -> tuple[int, int]:
@@ -193,24 +228,27 @@ def flip_mask(seed: int, tensor: str, step: int, start: int, stop: int,
     any block of the tensor gets the same signs as the whole tensor would.
     ``out`` (bool, stop - start) receives the mask instead of a new array.
     """
+    out = np.empty(stop - start, bool) if out is None else out
     first_block = start // SIGN_BLOCK
     skip = start - first_block * SIGN_BLOCK
-    n_blocks = -(-(stop - first_block * SIGN_BLOCK) // SIGN_BLOCK)
     # Philox with counter c yields block c of the stream that starts at counter 0
     gen = np.random.Philox(key=list(sign_key(seed, tensor, step)), counter=[first_block, 0, 0, 0])
-    words = gen.random_raw(4 * n_blocks)
-    bits = np.unpackbits(words.astype("<u8").view(np.uint8), bitorder="little")
-    mask = bits[skip: skip + (stop - start)].view(bool)
-    if out is None:
-        return mask
-    np.copyto(out, mask)
+    done = 0
+    while done < out.shape[0]:  # a bounded chunk at a time: no large temporaries
+        take = min(out.shape[0] - done, SIGN_CHUNK * SIGN_BLOCK - skip)
+        n_blocks = -(-(skip + take) // SIGN_BLOCK)
+        words = gen.random_raw(4 * n_blocks)
+        bits = np.unpackbits(words.astype("<u8", copy=False).view(np.uint8), bitorder="little")
+        np.copyto(out[done: done + take], bits[skip: skip + take].view(bool))
+        done += take
+        skip = 0
     return out
 
 
-def flip_masks(seed: int, tensor: str, steps: Sequence[int], start: int,
-               stop: int) -> np.ndarray:
+def flip_masks(seed: int, tensor: str, steps: Sequence[int], start: int, stop: int,
+               ws: Workspace | None = None) -> np.ndarray:
     """``flip_mask`` of several steps as one (len(steps), stop - start) bool array."""
-    out = np.empty((len(steps), stop - start), bool)
+    out = _get(ws, "flips", (len(steps), stop - start), bool)
     for j, s in enumerate(steps):
         flip_mask(seed, tensor, s, start, stop, out=out[j])
     return out
@@ -222,39 +260,43 @@ def tile_width(k: int, m: int) -> int:
 
 
 class _Scratch:
-    """Reusable (k, tile) buffers so the tile loop allocates nothing."""
+    """(k + 1, tile) buffers reused by every tile, so the tile loop allocates nothing."""
 
-    def __init__(self, k: int, n: int, bits: np.dtype) -> None:
+    def __init__(self, k: int, n: int, bits: np.dtype, ws: Workspace | None) -> None:
         self.k, self.n = k, n
-        self.d = np.empty(k * n, np.float64)  # deltas d_j
-        self.e = np.empty(k * n, np.float64)  # null path e_j
-        self.p = np.empty(k * n, np.float64)  # products
-        self.b = np.empty(k * n, bits)  # normalised bit patterns
-        self.w = np.empty(k * n, bits)
-        self.new = np.empty(k * n, bool)
-        self.c = np.empty(k * n, bool)
-        self.flip = np.empty(k * n, np.uint8)
-        self.w0f = np.empty(n, np.float64)
-        self.r = np.empty(n, np.float64)
-        self.hi = np.empty(n, bits)
-        self.lo = np.empty(n, bits)
-        self.m = [np.empty(n, bool) for _ in range(4)]
+        kn, k1n = k * n, (k + 1) * n
+        self.d = _get(ws, "u_d", (k1n,), np.float64)  # row 0: a running sum, then d_j
+        self.e = _get(ws, "u_e", (k1n,), np.float64)  # row 0: a running sum, then e_j
+        self.p = _get(ws, "u_p", (k1n,), np.float64)  # row 0: a running sum, then products
+        self.b = _get(ws, "u_b", (kn,), bits)  # normalised bit patterns
+        self.w = _get(ws, "u_w", (kn,), bits)
+        self.new = _get(ws, "u_new", (kn,), bool)
+        self.c = _get(ws, "u_c", (kn,), bool)
+        self.flip = _get(ws, "u_flip", (kn,), np.uint8)
+        self.w0f = _get(ws, "u_w0f", (n,), np.float64)
+        self.hi = _get(ws, "u_hi", (n,), bits)
+        self.lo = _get(ws, "u_lo", (n,), bits)
+        self.m = [_get(ws, f"u_m{i}", (n,), bool) for i in range(4)]
 
-    def view(self, name: str, n: int) -> np.ndarray:
-        return getattr(self, name)[: self.k * n].reshape(self.k, n)
+    def view(self, name: str, n: int, rows: int | None = None) -> np.ndarray:
+        rows = self.k if rows is None else rows
+        return getattr(self, name)[: rows * n].reshape(rows, n)
 
 
 def update(state: FitState, values: np.ndarray, xs: Sequence[float],
-           flips: np.ndarray | Sequence[np.ndarray]) -> None:
+           flips: np.ndarray | Sequence[np.ndarray], ws: Workspace | None = None) -> None:
     """Add steps to ``state`` in place: ``values`` is (k, m) in the logical dtype.
 
     ``xs[j]`` is step_j - first step; ``flips[j]`` the null-path signs for step j
     (see ``flip_mask``; a (k, m) bool array or k arrays). Steps must come in
     increasing order after the ones already in ``state``. All k steps of a
-    tile of elements are applied at once (a (k, tile) slab, so each numpy
-    call does k times the work of one step); the float64 sums are still
-    added into the state one step after the other, so a fit updated one
-    appended step at a time is bitwise identical to a fit from scratch.
+    tile of elements are applied at once, as a (k, tile) slab, so each numpy
+    call does k steps of work. The float64 sums still add the steps into the
+    state one after the other: each sum is a reduction over the step axis of
+    a slab whose row 0 holds the state's running sum, and numpy reduces the
+    leading axis of a C-ordered 2-D array row by row. A fit updated one
+    appended step at a time is therefore bitwise identical to a fit from
+    scratch, whatever the blocking (the tests check it).
     """
     values = np.asarray(values)
     k, m = values.shape[0], state.size
@@ -263,60 +305,76 @@ def update(state: FitState, values: np.ndarray, xs: Sequence[float],
     values = values.reshape(k, m)
     if len(xs) != k or len(flips) != k:
         raise ValueError(f"{k} steps of values but {len(xs)} xs and {len(flips)} flip masks")
+    if k > MAX_STEPS:  # bounded slabs (small tensors can come with thousands of steps)
+        for i in range(0, k, MAX_STEPS):
+            update(state, values[i:i + MAX_STEPS], xs[i:i + MAX_STEPS],
+                   flips[i:i + MAX_STEPS], ws)
+        return
     dtype = values.dtype
     bdt = bits_dtype(dtype)
     x = np.asarray(xs, np.float64).reshape(k, 1)
+    if not isinstance(flips, np.ndarray):
+        flips = np.stack([np.asarray(f, bool).reshape(m) for f in flips])
+    flips = flips.reshape(k, m)
     nz = _neg_zero(dtype)
     tile = tile_width(k, m)
-    s = _Scratch(k, tile, bdt)
-    for lo in range(0, m, tile):
-        hi = min(lo + tile, m)
-        _update_tile(state, lo, hi, values[:, lo:hi], x, [f[lo:hi] for f in flips], s, nz)
+    s = _Scratch(k, tile, bdt, ws)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf weights are counted, not fitted
+        for lo in range(0, m, tile):
+            hi = min(lo + tile, m)
+            _update_tile(state, lo, hi, values[:, lo:hi], x, flips[:, lo:hi], s, nz)
     np.copyto(state.wlast, values[k - 1].view(bdt))
 
 
+def _sum_rows(slab: np.ndarray, acc: np.ndarray) -> None:
+    """``acc`` + slab[1] + slab[2] + ..., added in that order (slab[0] is overwritten).
+
+    With at least 2 columns numpy reduces axis 0 row by row; a single column
+    is a contiguous reduction (pairwise), so it is added by hand.
+    """
+    if slab.shape[1] < 2:
+        for j in range(1, slab.shape[0]):
+            acc += slab[j]
+        return
+    np.copyto(slab[0], acc)
+    np.add.reduce(slab, axis=0, out=acc)
+
+
 def _update_tile(state: FitState, lo: int, hi: int, vals: np.ndarray, x: np.ndarray,
-                 flips: list[np.ndarray], s: _Scratch, negz: int | None) -> None:
+                 flips: np.ndarray, s: _Scratch, negz: int | None) -> None:
     """``update`` on elements [lo, hi): ``vals`` is the (k, hi - lo) slab in the logical dtype."""
     n, k = hi - lo, vals.shape[0]
     dtype = vals.dtype
-    d, ee, p = s.view("d", n), s.view("e", n), s.view("p", n)
-    w0f, r = s.w0f[:n], s.r[:n]
-    f64 = state.f64[:, lo:hi]
-    sd, sxd, sdd, se, sxe, see, e, dmin, dmax = f64
+    d1, e1, p1 = (s.view(b, n, k + 1) for b in ("d", "e", "p"))  # row 0 + k steps
+    d, ee, p = d1[1:], e1[1:], p1[1:]
+    w0f = s.w0f[:n]
+    sd, sxd, sdd, se, sxe, see, e, dmin, dmax = state.f64[:, lo:hi]
     # the fit: deltas from the first value, float64 (every logical dtype widens exactly)
     np.copyto(w0f, state.w0[lo:hi].view(dtype), casting="unsafe")
+    np.copyto(d1[0], state.wlast[lo:hi].view(dtype), casting="unsafe")
     np.copyto(d, vals, casting="unsafe")
-    np.subtract(d, w0f, out=d)
-    # the null: same increments, random signs, e_j = e_{j-1} + inc_j (a running sum over j)
-    np.copyto(r, state.wlast[lo:hi].view(dtype), casting="unsafe")
-    np.subtract(r, w0f, out=r)  # d of the last step already in the state
-    np.subtract(d[0], r, out=ee[0])
-    np.subtract(d[1:], d[:-1], out=ee[1:])
-    # negate by flipping the IEEE sign bit (the top bit of byte 7, little-endian)
+    np.subtract(d1, w0f, out=d1)  # row 0: d of the last step already in the state
+    # the null: same increments d_j - d_{j-1}, random signs, e_j = e_{j-1} + (+-increment)
+    np.subtract(d1[1:], d1[:-1], out=ee)
     flip = s.view("flip", n)
-    for j in range(k):
-        np.left_shift(flips[j].view(np.uint8), 7, out=flip[j])
-    top = ee.view(np.uint8).reshape(k, n, 8)[:, :, 7]
+    np.left_shift(flips.view(np.uint8), 7, out=flip)
+    top = ee.view(np.uint8).reshape(k, n, 8)[:, :, 7]  # the IEEE sign bit (little-endian)
     np.bitwise_xor(top, flip, out=top)
-    np.add(e, ee[0], out=ee[0])
-    for j in range(1, k):
-        np.add(ee[j - 1], ee[j], out=ee[j])
-    np.copyto(e, ee[k - 1])
-    # sufficient statistics, added into the state step after step (same order as k = 1)
-    for src, s1, sx1, s2 in ((d, sd, sxd, sdd), (ee, se, sxe, see)):
-        for j in range(k):
-            np.add(s1, src[j], out=s1)
-        np.multiply(src, x, out=p)
-        for j in range(k):
-            np.add(sx1, p[j], out=sx1)
-        np.multiply(src, src, out=p)
-        for j in range(k):
-            np.add(s2, p[j], out=s2)
-    np.minimum.reduce(d, axis=0, out=r)
-    np.minimum(dmin, r, out=dmin)
-    np.maximum.reduce(d, axis=0, out=r)
-    np.maximum(dmax, r, out=dmax)
+    np.copyto(e1[0], e)
+    for j in range(1, k + 1):
+        np.add(e1[j - 1], e1[j], out=e1[j])
+    np.copyto(e, e1[k])
+    # sufficient statistics, each added into the state step after step
+    for slab, rows, s1, sx1, s2 in ((d1, d, sd, sxd, sdd), (e1, ee, se, sxe, see)):
+        np.multiply(rows, x, out=p)
+        _sum_rows(p1, sx1)
+        np.multiply(rows, rows, out=p)
+        _sum_rows(p1, s2)
+        _sum_rows(slab, s1)  # last: overwrites row 0
+    np.minimum.reduce(d, axis=0, out=w0f)
+    np.minimum(dmin, w0f, out=dmin)
+    np.maximum.reduce(d, axis=0, out=w0f)
+    np.maximum(dmax, w0f, out=dmax)
     _update_distinct(state, lo, hi, vals, s, negz)
 
 
@@ -392,14 +450,15 @@ class Fit:
     nonfinite: np.ndarray  # bool: a NaN or inf value somewhere in the window
 
 
-def r_squared(sxy: np.ndarray, sxx: float, syy: np.ndarray,
-              out: np.ndarray | None = None) -> np.ndarray:
+def r_squared(sxy: np.ndarray, sxx: float, syy: np.ndarray, out: np.ndarray | None = None,
+              tmp: np.ndarray | None = None) -> np.ndarray:
     """THE coefficient of determination: Sxy² / (Sxx Syy), NaN where Syy == 0, clipped to [0,1].
 
     Clipping only removes float64 rounding (|r| can exceed 1 by ~1e-16).
+    ``out`` and ``tmp`` (float64, the shape of ``sxy``) avoid allocations.
     """
     r2 = np.multiply(sxy, sxy, out=out)
-    den = sxx * syy
+    den = np.multiply(sxx, syy, out=tmp)
     with np.errstate(divide="ignore", invalid="ignore"):
         np.divide(r2, den, out=r2)
     np.clip(r2, 0.0, 1.0, out=r2)
@@ -407,59 +466,65 @@ def r_squared(sxy: np.ndarray, sxx: float, syy: np.ndarray,
     return r2
 
 
-FINALIZE_TILE = 1 << 15  # elements per finalize tile: temporaries stay in cache
+FINALIZE_TILE = 8192  # elements per finalize tile: its temporaries stay small and in cache
 
 
-def finalize(state: FitState, xst: XStats, dtype: np.dtype) -> Fit:
+def finalize(state: FitState, xst: XStats, dtype: np.dtype, ws: Workspace | None = None) -> Fit:
     """Slope, intercept, R² (real and null) and filter masks from the sufficient statistics."""
     if xst.n < 2:
         raise ValueError("a fit needs at least 2 steps")
     m = state.size
-    out = Fit(*(np.empty(m, np.float64) for _ in range(4)),
-              *(np.empty(m, bool) for _ in range(4)))
-    for lo in range(0, m, FINALIZE_TILE):
-        _finalize_tile(state, xst, np.dtype(dtype), out, lo, min(lo + FINALIZE_TILE, m))
+    out = Fit(*(_get(ws, f"fit_{i}", (m,), np.float64) for i in range(4)),
+              *(_get(ws, f"fit_{i}", (m,), bool) for i in range(4, 8)))
+    tmp = _get(ws, "fin_tmp", (3, min(m, FINALIZE_TILE)), np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for lo in range(0, m, FINALIZE_TILE):
+            hi = min(lo + FINALIZE_TILE, m)
+            _finalize_tile(state, xst, np.dtype(dtype), lo, hi, Fit(
+                *(getattr(out, f.name)[lo:hi] for f in fields(Fit))), tmp[:, : hi - lo])
     return out
 
 
-def _finalize_tile(state: FitState, xst: XStats, dtype: np.dtype, out: Fit, lo: int,
-                   hi: int) -> None:
+def _finalize_tile(state: FitState, xst: XStats, dtype: np.dtype, lo: int, hi: int, out: Fit,
+                   tmp: np.ndarray) -> None:
+    """``finalize`` of elements [lo, hi) into ``out`` (views of that size); tmp is (3, hi - lo)."""
     n = float(xst.n)
     sxx = xst.centred_sxx
     sd, sxd, sdd, se, sxe, see, _, dmin, dmax = state.f64[:, lo:hi]
-    static = np.equal(sdd, 0.0, out=out.static[lo:hi])
-    t = np.multiply(xst.sx, sd)
+    t, sxy, syy = tmp
+    static = np.equal(sdd, 0.0, out=out.static)
+    np.multiply(xst.sx, sd, out=t)
     t /= n
-    sxy = np.subtract(sxd, t)  # Sxy = Σxd - Σx Σd / n
+    np.subtract(sxd, t, out=sxy)  # Sxy = Σxd - Σx Σd / n
     np.multiply(sd, sd, out=t)
     t /= n
-    syy = np.subtract(sdd, t)  # Syy = Σd² - (Σd)² / n
-    syy[static] = 0.0
-    slope = np.divide(sxy, sxx, out=out.slope[lo:hi])
+    np.subtract(sdd, t, out=syy)  # Syy = Σd² - (Σd)² / n
+    np.copyto(syy, 0.0, where=static)
+    slope = np.divide(sxy, sxx, out=out.slope)
     # intercept = w0 + a - slope * x0, with a = (Σd - slope Σx) / n the delta at x = 0
     np.multiply(slope, xst.sx, out=t)
     np.subtract(sd, t, out=t)
     t /= n
-    icpt = out.intercept[lo:hi]
+    icpt = out.intercept
     np.copyto(icpt, state.w0[lo:hi].view(dtype), casting="unsafe")
     icpt += t
     np.multiply(slope, float(xst.x0), out=t)
     icpt -= t
-    r_squared(sxy, sxx, syy, out=out.r2[lo:hi])
-    # the null path: same sums of e
+    r_squared(sxy, sxx, syy, out=out.r2, tmp=t)
+    # the null path: the same sums of e
     np.multiply(xst.sx, se, out=t)
     t /= n
     np.subtract(sxe, t, out=sxy)
     np.multiply(se, se, out=t)
     t /= n
     np.subtract(see, t, out=syy)
-    syy[static] = 0.0
-    r_squared(sxy, sxx, syy, out=out.null_r2[lo:hi])
-    np.not_equal(state.has4[lo:hi], 0, out=out.distinct4[lo:hi])  # w0, v1, v2 and a 4th
+    np.copyto(syy, 0.0, where=static)
+    r_squared(sxy, sxx, syy, out=out.null_r2, tmp=t)
+    np.not_equal(state.has4[lo:hi], 0, out=out.distinct4)  # w0, v1, v2 and a 4th were seen
     np.subtract(dmax, dmin, out=t)
-    np.greater(t, MIN_CHANGE, out=out.moved_enough[lo:hi])
-    np.isfinite(sdd, out=out.nonfinite[lo:hi])
-    np.logical_not(out.nonfinite[lo:hi], out=out.nonfinite[lo:hi])
+    np.greater(t, MIN_CHANGE, out=out.moved_enough)
+    np.isfinite(sdd, out=out.nonfinite)
+    np.logical_not(out.nonfinite, out=out.nonfinite)
 
 
 @dataclass(frozen=True)
@@ -473,8 +538,8 @@ class Selection:
 
 def select(fit: Fit, paper_filters: bool) -> Selection:
     """Moving elements (all non-static), or those passing the authors' filters in their order."""
-    # NaN/inf weights (kept bit-exact by the store) give a non-finite R²: never binned; they
-    # show up as n_elements - n_static - n_selected of the "moving" selection
+    # NaN/inf weights (kept bit-exact by the store) give a non-finite R²: never binned, counted
+    # as ``fit.nonfinite`` instead
     moving = ~fit.static & np.isfinite(fit.r2)
     if not paper_filters:
         return Selection(moving, 0, 0)
@@ -524,6 +589,100 @@ def summarize(fit: Fit, sel: Selection, n_bins: int) -> BlockSummary:
         n_above=tuple(int((r2 > t).sum()) for t in THRESHOLDS),
         null_above=tuple(int((nr2 > t).sum()) for t in THRESHOLDS),
     )
+
+
+SELECTIONS = {"moving": False, "paper": True}  # name -> the authors' filters applied
+RESULTS = ("slope", "intercept", "r2", "null_r2")  # the per-element outputs of a fit
+SUMMARY_TILE = 1 << 15  # elements per tile of ``finish``
+
+
+@dataclass
+class BlockTotals:
+    """What ``finish`` returns for one block: exact counts plus one summary per selection."""
+
+    n_static: int
+    n_nonfinite: int
+    summaries: dict[str, BlockSummary]
+    removed: dict[str, tuple[int, int]]  # (by max-min, by distinct values) per selection
+
+
+def finish(state: FitState, xst: XStats, dtype: np.dtype, n_bins: int,
+           results: dict[str, np.ndarray], ws: Workspace | None = None) -> BlockTotals:
+    """``finalize``, ``select`` and ``summarize`` of every selection in one pass of tiles.
+
+    Writes slope, intercept, R² and null R² into ``results`` (1-D arrays of the
+    block's size, e.g. float32) and returns the additive summaries, computed
+    from the float64 values exactly as ``summarize(finalize(...), select(...))``
+    would (histogram counts and threshold counts identical; the R² sums are
+    added tile by tile). Nothing block-sized is allocated besides ``results``.
+    """
+    if xst.n < 2:
+        raise ValueError("a fit needs at least 2 steps")
+    m = state.size
+    tile = min(m, SUMMARY_TILE)
+    fit_bufs = Fit(*(_get(ws, f"fin_{i}", (tile,), np.float64) for i in range(4)),
+                   *(_get(ws, f"fin_{i}", (tile,), bool) for i in range(4, 8)))
+    tmp = _get(ws, "fin_tmp", (3, tile), np.float64)
+    v = _get(ws, "fin_v", (tile,), np.float64)
+    key = _get(ws, "fin_key", (tile,), np.intp)
+    cat = _get(ws, "fin_cat", (tile,), np.intp)
+    b1, b2 = _get(ws, "fin_b1", (tile,), bool), _get(ws, "fin_b2", (tile,), bool)
+    gt = _get(ws, "fin_gt", (tile,), bool)
+    hists = {r: np.zeros((3, n_bins), np.int64) for r in ("r2", "null_r2")}
+    sums = {(r, sel): 0.0 for r in hists for sel in SELECTIONS}
+    above = {(r, sel, t): 0 for r in hists for sel in SELECTIONS for t in THRESHOLDS}
+    n_static = n_nonfinite = n_moving = n_change = 0
+    dtype = np.dtype(dtype)
+    for lo in range(0, m, tile):
+        hi = min(lo + tile, m)
+        n = hi - lo
+        f = Fit(*(getattr(fit_bufs, fl.name)[:n] for fl in fields(Fit)))
+        with np.errstate(invalid="ignore", over="ignore"):
+            _finalize_tile(state, xst, dtype, lo, hi, f, tmp[:, :n])
+        for r in RESULTS:
+            np.copyto(results[r][lo:hi], getattr(f, r), casting="unsafe")
+        n_static += int(np.count_nonzero(f.static))
+        n_nonfinite += int(np.count_nonzero(f.nonfinite))
+        # category per element: 0 not selected, 1 moving only, 2 moving and the authors' filters
+        moving, paper, g = b1[:n], b2[:n], gt[:n]
+        np.isfinite(f.r2, out=moving)  # NaN where static or NaN/inf weights (see ``select``)
+        np.greater(moving, f.static, out=moving)  # and not static
+        n_moving += int(np.count_nonzero(moving))
+        np.logical_and(moving, f.moved_enough, out=paper)
+        n_change += int(np.count_nonzero(paper))
+        np.logical_and(paper, f.distinct4, out=paper)
+        c = cat[:n]
+        np.copyto(c, moving)
+        np.add(c, paper, out=c)  # (bool + bool would be "or")
+        np.multiply(c, n_bins, out=c)
+        vr, kr = v[:n], key[:n]
+        for r in hists:
+            np.copyto(vr, getattr(f, r))
+            np.copyto(vr, 0.0, where=~moving)  # no NaN from here on; category 0 is dropped
+            np.multiply(vr, n_bins, out=kr, casting="unsafe")  # truncation = floor (R² >= 0)
+            np.minimum(kr, n_bins - 1, out=kr)  # R² = 1 goes in the last bin
+            kr += c
+            hists[r] += np.bincount(kr, minlength=3 * n_bins).reshape(3, n_bins)
+            for t in THRESHOLDS:
+                np.greater(vr, t, out=g)
+                above[(r, "moving", t)] += int(np.count_nonzero(g))
+                np.logical_and(g, paper, out=g)
+                above[(r, "paper", t)] += int(np.count_nonzero(g))
+            sums[(r, "moving")] += float(vr.sum())
+            np.copyto(vr, 0.0, where=~paper)
+            sums[(r, "paper")] += float(vr.sum())
+    n_paper = int(hists["r2"][2].sum())
+    summaries, removed = {}, {}
+    for name, paper_filters in SELECTIONS.items():
+        cats = slice(2, 3) if paper_filters else slice(1, 3)
+        summaries[name] = BlockSummary(
+            hist=hists["r2"][cats].sum(0), null_hist=hists["null_r2"][cats].sum(0),
+            n_selected=n_paper if paper_filters else n_moving,
+            r2_sum=sums[("r2", name)], null_sum=sums[("null_r2", name)],
+            n_above=tuple(above[("r2", name, t)] for t in THRESHOLDS),
+            null_above=tuple(above[("null_r2", name, t)] for t in THRESHOLDS))
+        removed[name] = (n_moving - n_change, n_change - n_paper) if paper_filters else (0, 0)
+    return BlockTotals(n_static, n_nonfinite, summaries, removed)
 
 
 def hist_median(hist: np.ndarray) -> float:
