@@ -12,7 +12,9 @@ two bf16 checkpoints (the second one nudged, like an RL step), then measures:
 * the authors' approach (``from_pretrained`` both models in float32, Eq. 2 on
   the state dicts, ``save_pretrained`` in bf16), peak RSS and time.
 
-Each measured job runs in its own process; peak RSS comes from ``wait4``.
+Each measured job runs in its own process; peak RSS and CPU time (user +
+system, less sensitive than wall time to other jobs on a shared machine)
+come from ``wait4``. The ``cp`` jobs and ours alternate within each repeat.
 The page cache is warmed by reading the sources first, so every job sees
 the same (warm) cache; nothing calls fsync.
 """
@@ -52,8 +54,8 @@ m0.save_pretrained(out)
 """
 
 
-def run(cmd: list[str]) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes) of a child process.
+def run(cmd: list[str]) -> tuple[float, int, float]:
+    """(wall seconds, peak RSS bytes, CPU seconds user + system) of a child process.
 
     Dirty pages of the previous job are flushed first (``sync``) so one job's
     writeback is not billed to the next. ``ru_maxrss`` of a child counts the
@@ -67,7 +69,7 @@ def run(cmd: list[str]) -> tuple[float, int]:
     if os.waitstatus_to_exitcode(status) != 0:
         err = proc.stderr.read().decode() if proc.stderr else ""
         raise SystemExit(f"failed: {' '.join(cmd)}\n{err[-2000:]}")
-    return wall, usage.ru_maxrss * 1024
+    return wall, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
 
 
 def dir_bytes(p: Path) -> int:
@@ -98,17 +100,23 @@ def make_checkpoints(work: Path, layers: int, hidden: int, inter: int) -> tuple[
     return c0, c1
 
 
-def median_run(cmd: list[str], repeat: int, before: list[str] | None = None
-               ) -> tuple[float, int]:
-    """Median wall time and max peak RSS over ``repeat`` runs (``before`` runs untimed first)."""
-    times, peaks = [], []
-    for _ in range(repeat):
-        if before:
-            subprocess.run(before, check=True)
-        t, rss = run(cmd)
-        times.append(t)
-        peaks.append(rss)
-    return statistics.median(times), max(peaks)
+def median_runs(cmds: dict[str, list[str]], repeat: int, before: list[str] | None = None
+                ) -> dict[str, tuple[float, int, float]]:
+    """Median wall time, max peak RSS and median CPU time of each command over ``repeat`` rounds.
+
+    The commands alternate within each round (in reversed order every other
+    round), so a load change on this shared machine hits all of them alike
+    and their ratios stay meaningful. ``before`` runs untimed before each job.
+    """
+    runs: dict[str, list[tuple[float, int, float]]] = {k: [] for k in cmds}
+    for i in range(repeat):
+        names = list(cmds) if i % 2 == 0 else list(reversed(cmds))
+        for k in names:
+            if before:
+                subprocess.run(before, check=True)
+            runs[k].append(run(cmds[k]))
+    return {k: (statistics.median(r[0] for r in v), max(r[1] for r in v),
+                statistics.median(r[2] for r in v)) for k, v in runs.items()}
 
 
 def main() -> None:
@@ -143,25 +151,29 @@ def main() -> None:
     cli = [sys.executable, "-m", "pipeline", "extrapolate", "--from-checkpoints", str(c0),
            str(c1), "--to", "150", "--out", str(scratch / "ours"), "--no-progress"]
     r = args.repeat
-    results["cp_two_s"], _ = median_run(["cp", "-r", str(c0), str(c1), str(scratch)], r, clean)
-    results["cp_one_s"], _ = median_run(["cp", "-r", str(c1), str(scratch)], r, clean)
-    results["ours_s"], results["ours_rss"] = median_run(cli, r, clean)
+    med = median_runs({"cp_two": ["cp", "-r", str(c0), str(c1), str(scratch)],
+                       "cp_one": ["cp", "-r", str(c1), str(scratch)], "ours": cli}, r, clean)
+    for k, (wall, _rss, cpu) in med.items():
+        results[f"{k}_s"], results[f"{k}_cpu_s"] = wall, cpu
+    results["ours_rss"] = med["ours"][1]
     subprocess.run(clean, check=True)
-    _, results["python_import_rss"] = run([sys.executable, "-c", "import pipeline.extrapolate."
-                                           "export, pipeline.cli"])
+    _, results["python_import_rss"], _ = run([sys.executable, "-c", "import pipeline."
+                                              "extrapolate.export, pipeline.cli"])
     results["load_avg_1min"] = os.getloadavg()[0]
     if not args.skip_authors:
-        results["authors_s"], results["authors_rss"] = run(
+        results["authors_s"], results["authors_rss"], results["authors_cpu_s"] = run(
             [sys.executable, "-c", AUTHORS, str(c0), str(c1), str(scratch / "authors"), "1.5"])
     shutil.rmtree(scratch)
     gb = 1e9
     print(f"model: {model_bytes / gb:.2f} GB bf16 per checkpoint "
           f"(qwen2, {args.layers} layers, hidden {args.hidden_size}, "
           f"intermediate {args.intermediate_size})")
-    print(f"cp of both sources      {results['cp_two_s']:.2f} s")
-    print(f"cp of one checkpoint    {results['cp_one_s']:.2f} s")
-    print(f"our export              {results['ours_s']:.2f} s   "
-          f"= {results['ours_s'] / results['cp_two_s']:.2f}x cp(both sources), "
+    print(f"cp of both sources      {results['cp_two_s']:.2f} s  "
+          f"(CPU {results['cp_two_cpu_s']:.2f} s)")
+    print(f"cp of one checkpoint    {results['cp_one_s']:.2f} s  "
+          f"(CPU {results['cp_one_cpu_s']:.2f} s)")
+    print(f"our export              {results['ours_s']:.2f} s  (CPU {results['ours_cpu_s']:.2f} s)"
+          f" = {results['ours_s'] / results['cp_two_s']:.2f}x cp(both sources), "
           f"{results['ours_s'] / results['cp_one_s']:.2f}x cp(one)")
     print(f"our peak RSS            {results['ours_rss'] / gb:.2f} GB "
           f"(bare interpreter + imports: {results['python_import_rss'] / gb:.2f} GB)")

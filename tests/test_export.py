@@ -268,3 +268,27 @@ def test_cli_extrapolate_and_its_errors(tiny_run_bf16, tmp_path):
                             str(tmp_path / "x"), "--no-progress"])
     assert r.exit_code == 2 and "not beyond" in r.output
     assert not (tmp_path / "x").exists()
+
+
+class _PlainSource:
+    """A CheckpointSource seen only through the WeightSource protocol (no direct reads)."""
+
+    def __init__(self, inner: CheckpointSource) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+
+@pytest.mark.parametrize("method", ["two-point", "lstsq"])
+def test_buffered_reads_write_the_same_bytes_in_small_blocks(tiny_run_bf16, tmp_path, method):
+    """Reusable read buffers + small blocks (copied norms span several blocks in flight)."""
+    src = CheckpointSource.from_run_dir(tiny_run_bf16)
+    spec = make_spec(src, method, to=150)
+    for name, s, bb in (("ref", _PlainSource(src), None), ("small", src, 4096),
+                        ("default", src, None)):
+        kw = {} if bb is None else {"block_bytes": bb}
+        export(s, tmp_path / name, spec, **kw)
+    ref = (tmp_path / "ref/model.safetensors").read_bytes()
+    assert (tmp_path / "small/model.safetensors").read_bytes() == ref
+    assert (tmp_path / "default/model.safetensors").read_bytes() == ref

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -125,3 +127,40 @@ def test_alpha_and_step_rules():
         choose_steps([0, 10, 20], [0, 15], "two-point")
     with pytest.raises(PipelineError, match="exactly two"):
         choose_steps([0, 10, 20], [0, 10, 20], "two-point")
+
+
+def test_round_to_bf16_special_values_without_warnings():
+    bits32 = np.array([0x7F800000, 0xFF800000,  # +-inf stay inf
+                       0x7F7FFFFF, 0xFF7FFFFF,  # +-max float32 round up to +-inf
+                       0x00008000, 0x00018000,  # subnormal ties: to even (0, then 2)
+                       0x80000000,  # -0 keeps its sign
+                       0x7FC00000, 0xFFC00000, 0x7F800001, 0xFFFFFFFF],  # NaNs
+                      np.uint32)
+    x = bits32.view(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = K.round_to(x, BF16).view(np.uint16)
+        tp = K.two_point(x, x, 1.0, out=np.empty(x.shape, BF16)).view(np.uint16)
+    assert [hex(v) for v in got[:7]] == ["0x7f80", "0xff80", "0x7f80", "0xff80", "0x0", "0x2",
+                                         "0x8000"]
+    nan = got[7:]
+    assert ((nan & 0x7F80) == 0x7F80).all() and (nan & 0x0040).all()  # quiet NaNs
+    np.testing.assert_array_equal(nan >> 15, bits32[7:] >> 31)  # of the same sign
+    np.testing.assert_array_equal(tp[2:6], got[2:6])  # overflow and ties as in round_to
+
+
+@pytest.mark.parametrize("out_dtype", [BF16, np.dtype(np.float16), np.dtype(np.float32)])
+def test_two_point_same_bits_whatever_the_thread_split(monkeypatch, out_dtype):
+    monkeypatch.setattr(K, "PARALLEL_MIN", 1000)
+    rng = np.random.default_rng(3)
+    n = 5 * K.TILE + 123  # several tiles, uneven ranges
+    w0 = rng.standard_normal((n // 7, 7)).astype(BF16)
+    w1 = (w0.astype(np.float32) + rng.standard_normal(w0.shape) * 1e-2).astype(BF16)
+    a, b = w0.astype(np.float32), w1.astype(np.float32)
+    with np.errstate(over="ignore"):
+        want = (a + np.float32(1.37) * (b - a)).astype(out_dtype)
+    ws = K.Workspace()
+    for threads in (1, 2, 3, 8):
+        got = K.two_point(w0, w1, 1.37, out=np.empty(w0.shape, out_dtype), ws=ws,
+                          threads=threads)
+        np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
