@@ -18,6 +18,7 @@ from pipeline.extrapolate.plan import (
     plan_tensors,
     resolve_alpha,
 )
+from pipeline.workspace import Workspace
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -159,7 +160,7 @@ def test_two_point_same_bits_whatever_the_thread_split(monkeypatch, out_dtype):
     a, b = w0.astype(np.float32), w1.astype(np.float32)
     with np.errstate(over="ignore"):
         want = (a + np.float32(1.37) * (b - a)).astype(out_dtype)
-    ws = K.Workspace()
+    ws = Workspace()
     for threads in (1, 2, 3, 8):
         got = K.two_point(w0, w1, 1.37, out=np.empty(w0.shape, out_dtype), ws=ws,
                           threads=threads)

@@ -21,6 +21,7 @@ from pipeline.fit import fit_store, open_fit
 from pipeline.fit import kernels as K
 from pipeline.fit.histograms import by_layer_module, overall, summary_frames
 from pipeline.store.ingest import ingest
+from pipeline.workspace import Workspace
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +261,7 @@ def test_finish_matches_finalize_select_summarize() -> None:
     K.update(st, vals[1:], [float(s) for s in steps[1:]], K.flip_masks(0, "t", steps[1:], 0, m))
     xst = K.XStats.from_steps(steps)
     fit = K.finalize(st, xst, vals.dtype)
-    ws = K.Workspace()
+    ws = Workspace()
     results = {r: np.empty(m, np.float32) for r in K.RESULTS}
     tot = K.finish(st, xst, vals.dtype, n_bins, results, ws)
     for r in K.RESULTS:

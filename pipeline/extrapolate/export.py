@@ -36,6 +36,7 @@ from pipeline.extrapolate.plan import (
     resolve_alpha,
 )
 from pipeline.extrapolate.sources import CheckpointSource, WeightSource
+from pipeline.workspace import Workspace
 
 DEFAULT_BLOCK_BYTES = 16 * 2**20  # working memory of the blocks in flight (all operands)
 IO_THREADS = 2  # stream_blocks' reader and writer threads
@@ -128,7 +129,7 @@ def input_steps(spec: ExtrapolationSpec, plan: TensorPlan) -> tuple[int, ...]:
 
 
 def read_inputs(source: WeightSource, spec: ExtrapolationSpec, plan: TensorPlan,
-                rows: slice | None, ws: K.Workspace | None = None) -> list[np.ndarray]:
+                rows: slice | None, ws: Workspace | None = None) -> list[np.ndarray]:
     """The row block of ``plan`` at every step it depends on (the only I/O of a block).
 
     With a workspace, blocks of safetensors checkpoint folders are read
@@ -144,7 +145,7 @@ def read_inputs(source: WeightSource, spec: ExtrapolationSpec, plan: TensorPlan,
 
 
 def _read_into(source: WeightSource, name: str, step: int, rows: slice | None,
-               ws: K.Workspace, role: str) -> np.ndarray | None:
+               ws: Workspace, role: str) -> np.ndarray | None:
     """A row block read with ``os.preadv`` into ``ws``; ``None`` where that does not apply."""
     if not isinstance(source, CheckpointSource):
         return None
@@ -178,7 +179,7 @@ def _read_into(source: WeightSource, name: str, step: int, rows: slice | None,
 
 def compute_block(
     spec: ExtrapolationSpec, plan: TensorPlan, inputs: list[np.ndarray],
-    ws: K.Workspace | None = None, threads: int | None = None,
+    ws: Workspace | None = None, threads: int | None = None,
 ) -> np.ndarray:
     """One output block exactly as written: predicted, rounded (RNE) to the output dtype.
 
@@ -244,8 +245,8 @@ def stream_blocks(
     # the page cache). Measured on 2 cores, splitting the arithmetic on top of them was
     # ~5% faster on an idle machine but ~15% slower with other jobs running
     threads = max(1, K.compute_threads() - IO_THREADS)
-    workspaces = [K.Workspace(), K.Workspace()]
-    read_spaces = [K.Workspace(), K.Workspace()]  # block k's inputs live in read_spaces[k % 2]
+    workspaces = [Workspace(), Workspace()]
+    read_spaces = [Workspace(), Workspace()]  # block k's inputs live in read_spaces[k % 2]
     writes: list[Future[None] | None] = [None, None]
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as write_pool:
         nxt = reader.submit(read_inputs, source, spec, jobs[0][0], jobs[0][1], read_spaces[0])

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 import ml_dtypes
 import numpy as np
 
+from pipeline.workspace import Workspace
+
 if TYPE_CHECKING:
     from pipeline.fit.kernels import Fit
 
@@ -32,26 +34,6 @@ def is_float(dtype: np.dtype) -> bool:
     """Floating point, including ml_dtypes' bfloat16/float8 (whose numpy kind is 'V')."""
     dt = np.dtype(dtype)
     return dt.kind == "f" or dt == BF16 or dt.name.startswith("float8")
-
-
-class Workspace:
-    """Reusable scratch buffers, one per role, grown on demand.
-
-    A fresh 64 MB array per block costs a page fault per 4 KB on first touch;
-    on a 1 GB model that was a third of the export time. Arrays returned by
-    kernels that take a workspace are views into it, valid until the next call.
-    """
-
-    def __init__(self) -> None:
-        self._bufs: dict[str, np.ndarray] = {}
-
-    def get(self, role: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
-        dt = np.dtype(dtype)
-        n = int(np.prod(shape, dtype=np.int64))
-        buf = self._bufs.get(role)
-        if buf is None or buf.nbytes < n * dt.itemsize:
-            buf = self._bufs[role] = np.empty(max(n * dt.itemsize, 1), np.uint8)
-        return buf[: n * dt.itemsize].view(dt).reshape(shape)
 
 
 def to_float32(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

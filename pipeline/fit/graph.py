@@ -26,6 +26,7 @@ from pipeline.fit import kernels as K
 from pipeline.fit.results import TensorPlan, read_state, write_piece
 from pipeline.fit.source import SourceRef
 from pipeline.store.layout import Piece, group_tasks, plan_pieces
+from pipeline.workspace import Workspace
 
 READ_BUDGET_BYTES = 64 << 20  # raw bytes of steps read at once by one task
 
@@ -118,11 +119,11 @@ def _row_elems(shape: tuple[int, ...]) -> int:
 _WORKSPACE = threading.local()
 
 
-def workspace() -> K.Workspace:
-    """This thread's scratch buffers, kept between tasks (see ``kernels.Workspace``)."""
+def workspace() -> Workspace:
+    """This thread's scratch buffers, kept between tasks (see ``pipeline.workspace``)."""
     ws = getattr(_WORKSPACE, "ws", None)
     if ws is None:
-        ws = _WORKSPACE.ws = K.Workspace()
+        ws = _WORKSPACE.ws = Workspace()
     return ws
 
 

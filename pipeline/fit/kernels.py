@@ -49,6 +49,8 @@ from dataclasses import dataclass, fields
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 import numpy as np
 
+from pipeline.workspace import Workspace
+
 MIN_CHANGE = 1e-4  # authors' filter: max - min over steps must exceed this
 MIN_DISTINCT = 4  # authors' filter: at least this many distinct values
 TILE = 1 << 16  # values per (k steps x elements) tile: its float64 slabs stay in cache
@@ -96,32 +98,6 @@ class XStats:
     @property
     def centred_sxx(self) -> float:
         return self.sxx - self.sx * self.sx / self.n
-
-
-class Workspace:
-    """Reusable scratch buffers, one per role, grown on demand.
-
-    Dask workers run with ``MALLOC_TRIM_THRESHOLD_`` set, which pins glibc's
-    mmap threshold at 128 KiB: every larger temporary is a fresh mapping and
-    costs a page fault per 4 KiB on first touch (~2 ns a byte here, more than
-    the arithmetic). Arrays that kernels put in a workspace are views into
-    it, valid until the next call that asks for the same role.
-    """
-
-    def __init__(self) -> None:
-        self._bufs: dict[str, np.ndarray] = {}
-
-    def get(self, role: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
-        dt = np.dtype(dtype)
-        n = int(np.prod(shape, dtype=np.int64))
-        buf = self._bufs.get(role)
-        if buf is None or buf.nbytes < n * dt.itemsize:
-            buf = self._bufs[role] = np.empty(max(n * dt.itemsize, 1), np.uint8)
-        return buf[: n * dt.itemsize].view(dt).reshape(shape)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.nbytes for b in self._bufs.values())
 
 
 def _get(ws: Workspace | None, role: str, shape: tuple[int, ...],
