@@ -95,6 +95,8 @@ def main() -> None:
     from pipeline.store.ingest import ingest
 
     total, largest = weight_bytes(run)
+    if a.tmp:
+        Path(a.tmp).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=a.tmp))
     try:
         # cp of the same files to the same disk, page cache warm for both
