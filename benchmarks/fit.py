@@ -26,46 +26,12 @@ import multiprocessing as mp
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import psutil
+from rss import PeakRSS
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class PeakRSS:
-    """Samples the RSS of a process and all its descendants; keeps the peak of the sum."""
-
-    def __init__(self, pid: int, every: float = 0.02) -> None:
-        self.proc = psutil.Process(pid)
-        self.peak = 0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, args=(every,), daemon=True)
-
-    def _run(self, every: float) -> None:
-        while not self._stop.is_set():
-            total = 0
-            try:
-                procs = [self.proc, *self.proc.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                break
-            for p in procs:
-                try:
-                    total += p.memory_info().rss
-                except psutil.NoSuchProcess:
-                    pass
-            self.peak = max(self.peak, total)
-            time.sleep(every)
-
-    def __enter__(self) -> PeakRSS:
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join()
 
 
 def measure(mode: str, args: argparse.Namespace) -> dict:
@@ -73,7 +39,7 @@ def measure(mode: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--_mode", mode, "--run", str(args.run), "--store",
            str(args.store), "--workers", str(args.workers), "--block-mb", str(args.block_mb)]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
-    with PeakRSS(p.pid) as mem:
+    with PeakRSS(p.pid, every=0.02) as mem:
         out, _ = p.communicate()
     if p.returncode:
         raise SystemExit(f"{mode} failed ({p.returncode})")

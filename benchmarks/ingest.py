@@ -18,42 +18,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
-
-
-def tree_rss() -> int:
-    me = psutil.Process()
-    total = me.memory_info().rss
-    for c in me.children(recursive=True):
-        try:
-            total += c.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
-
-
-class PeakRSS:
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss())
-            time.sleep(0.05)
-
-    def __enter__(self) -> PeakRSS:
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join()
+from rss import PeakRSS, tree_rss
 
 
 def weight_bytes(run: Path) -> tuple[int, int]:
