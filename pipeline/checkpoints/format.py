@@ -157,14 +157,22 @@ def read_rows_bits(info: TensorInfo, rows: slice | None = None) -> np.ndarray:
     buf = bytearray(count)
     fd = os.open(info.file, os.O_RDONLY)
     try:
-        got = 0
-        view = memoryview(buf)
-        while got < count:
-            n = os.preadv(fd, [view[got:]], info.offset + a * rb + got)
-            if n == 0:
-                raise PipelineError(f"truncated safetensors file while reading {info.name!r}",
-                                    info.file)
-            got += n
+        pread_exact(fd, memoryview(buf), info.offset + a * rb, info)
     finally:
         os.close(fd)
     return np.frombuffer(buf, dtype=bits_dtype(info.dtype)).reshape(out_shape)
+
+
+def pread_exact(fd: int, view: memoryview, pos: int, info: TensorInfo) -> None:
+    """Fill ``view`` from byte ``pos`` of ``info.file``; a short file is a named error.
+
+    The header already promised these bytes, so running out means the file
+    was truncated after its header was written (a crash or a copy in progress).
+    """
+    got, count = 0, view.nbytes
+    while got < count:
+        n = os.preadv(fd, [view[got:]], pos + got)
+        if n == 0:
+            raise PipelineError(f"truncated safetensors file while reading {info.name!r}",
+                                info.file)
+        got += n

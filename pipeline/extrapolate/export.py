@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.checkpoints.format import logical_dtype
+from pipeline.checkpoints.format import logical_dtype, pread_exact
 from pipeline.checkpoints.writer import ShardedWriter, TensorSpec
 from pipeline.errors import PipelineError
 from pipeline.extrapolate import kernels as K
@@ -163,15 +163,9 @@ def _read_into(source: WeightSource, name: str, step: int, rows: slice | None,
     dtype = logical_dtype(info.dtype)
     arr = ws.get(role, shape, dtype)
     view = memoryview(arr.reshape(-1).view(np.uint8))
-    count, pos, got = view.nbytes, info.offset + a * info.row_bytes, 0
     fd = os.open(info.file, os.O_RDONLY)
     try:
-        while got < count:
-            n = os.preadv(fd, [view[got:]], pos + got)
-            if n == 0:
-                raise PipelineError(f"truncated safetensors file while reading {name!r}",
-                                    info.file)
-            got += n
+        pread_exact(fd, view, info.offset + a * info.row_bytes, info)
     finally:
         os.close(fd)
     return arr

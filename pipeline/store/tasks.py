@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from numcodecs import Blosc
 
-from pipeline.checkpoints.format import TensorInfo, bits_dtype, read_rows_bits
+from pipeline.checkpoints.format import TensorInfo, bits_dtype, pread_exact, read_rows_bits
 from pipeline.errors import PipelineError
 from pipeline.store.codec import count_nonfinite, encode_inplace
 from pipeline.store.integrity import TREE_BLOCK, block_digest, block_hasher, tree_digest
@@ -135,13 +135,7 @@ def _pread_rows(fd: int, info: TensorInfo, a: int, b: int) -> tuple[np.ndarray, 
     count = (b - a) * rb
     buf = bytearray(count)
     view = memoryview(buf)
-    got = 0
-    while got < count:
-        n = os.preadv(fd, [view[got:]], info.offset + a * rb + got)
-        if n == 0:
-            raise PipelineError(f"truncated safetensors file while reading {info.name!r}",
-                                info.file)
-        got += n
+    pread_exact(fd, view, info.offset + a * rb, info)
     shape = (b - a, *info.shape[1:]) if info.shape else ()
     return np.frombuffer(buf, dtype=bits_dtype(info.dtype)).reshape(shape), view
 
