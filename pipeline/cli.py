@@ -272,8 +272,7 @@ def backtest_cmd(
 ) -> None:
     """Predict held-out later checkpoints from earlier ones; relative error per method."""
     from pipeline.catalog import is_catalog_name, lookup
-    from pipeline.console import print_table
-    from pipeline.extrapolate.backtest import ALL, backtest_to_folder, plan_cases
+    from pipeline.extrapolate.backtest import backtest_to_folder, plan_cases, print_backtest
     from pipeline.extrapolate.sources import open_source
 
     src = open_source(source, catalog=catalog)
@@ -282,13 +281,7 @@ def backtest_cmd(
                else Path("backtest"))
     cases = plan_cases(src.steps, cutoff, holdout, r2_min or (0.5, 0.8), window)
     res, csv_path, png_path = backtest_to_folder(src, out, cases, progress=progress)
-    cols = ["cutoff", "target", "horizon", "method", "alpha", "rel_error"]
-    print_table("Backtest: ||W_pred - W_real|| / ||W_real - W_cutoff|| (no-change = 1)",
-                cols, [[r[c] for c in cols] for r in res.rows(per_tensor=False)])
-    if per_tensor:
-        print_table("Per tensor", [*cols, "tensor"],
-                    [[r[c] for c in [*cols, "tensor"]] for r in res.rows()
-                     if r["tensor"] != ALL])
+    print_backtest(res, per_tensor)
     typer.echo(f"table: {csv_path}\nplot: {png_path}")
 
 

@@ -98,7 +98,7 @@ def run_demo(name: str | None, catalog: Path | None, scheduler: str | None) -> N
     import transformers
 
     from pipeline.compute import dask_client
-    from pipeline.extrapolate.backtest import backtest_to_folder
+    from pipeline.extrapolate.backtest import backtest_to_folder, print_backtest
     from pipeline.extrapolate.sources import StoreSource
     from pipeline.fit.histograms import print_headline
     from pipeline.fit.job import fit_store
@@ -125,7 +125,8 @@ def run_demo(name: str | None, catalog: Path | None, scheduler: str | None) -> N
         print_headline(rep.histograms["moving"])
     console.rule("[bold]4. backtest and report")
     report_dir = entry.outputs / "report"
-    _, _, backtest_png = backtest_to_folder(StoreSource(entry.store, run_dir), report_dir)
+    bt, _, backtest_png = backtest_to_folder(StoreSource(entry.store, run_dir), report_dir)
+    print_backtest(bt)
     page = write_report(entry.store, fit_dir, report_dir,
                         extra_images=[("Backtest: predicted vs real weights", backtest_png)])
     console.print(f"report: {page}")

@@ -266,3 +266,16 @@ def backtest_to_folder(source: WeightSource, out: str | Path, cases: list[Case] 
     res = run_backtest(source, cases if cases is not None else plan_cases(source.steps),
                        progress=progress)
     return res, write_csv(res, out / "backtest.csv"), plot_errors(res, out / "backtest.png")
+
+
+def print_backtest(result: BacktestResult, per_tensor: bool = False) -> None:
+    """Model-wide relative error per case (and per tensor on request) as terminal tables."""
+    from pipeline.console import print_table
+
+    cols = ["cutoff", "target", "horizon", "method", "alpha", "rel_error"]
+    print_table("Backtest: ||W_pred - W_real|| / ||W_real - W_cutoff|| (no-change = 1)",
+                cols, [[r[c] for c in cols] for r in result.rows(per_tensor=False)])
+    if per_tensor:
+        print_table("Per tensor", [*cols, "tensor"],
+                    [[r[c] for c in [*cols, "tensor"]] for r in result.rows()
+                     if r["tensor"] != ALL])
