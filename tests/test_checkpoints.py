@@ -9,23 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from reference import load_checkpoint_torch, torch_bits
+from safetensors.torch import save_file
 
 from pipeline.checkpoints import CheckpointReader, discover_checkpoints
 from pipeline.errors import PipelineError
-
-
-def torch_bits(t: torch.Tensor) -> np.ndarray:
-    """Independent reference: bit patterns via torch (not our header parser)."""
-    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
-    return t.contiguous().view(width).numpy().view(f"<u{t.element_size()}")
-
-
-def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 def test_discover_global_step_layout(tiny_run_bf16: Path) -> None:
@@ -68,7 +56,7 @@ def test_discover_refuses_duplicate_steps(tiny_run_bf16: Path, tmp_path: Path) -
 def test_reader_matches_safetensors(fixture: str, request: pytest.FixtureRequest) -> None:
     run: Path = request.getfixturevalue(fixture)
     folder = run / "global_step_20"
-    ref = all_tensors(folder)
+    ref = load_checkpoint_torch(folder)
     r = CheckpointReader(folder)
     assert r.tensor_names == sorted(ref)
     if fixture == "tiny_run_sharded":
@@ -83,7 +71,8 @@ def test_reader_matches_safetensors(fixture: str, request: pytest.FixtureRequest
 
 
 def test_reader_fp16_and_logical_values(tiny_run_fp32: Path, tmp_path: Path) -> None:
-    ref = {k: v.to(torch.float16) for k, v in all_tensors(tiny_run_fp32 / "global_step_0").items()}
+    fp32 = load_checkpoint_torch(tiny_run_fp32 / "global_step_0")
+    ref = {k: v.to(torch.float16) for k, v in fp32.items()}
     save_file(ref, tmp_path / "model.safetensors")
     r = CheckpointReader(tmp_path)
     for name, t in ref.items():
@@ -119,7 +108,7 @@ def test_missing_shard(tiny_run_sharded: Path, tmp_path: Path) -> None:
 
 
 def test_pickle_needs_opt_in(tiny_run_bf16: Path, tmp_path: Path) -> None:
-    ref = all_tensors(tiny_run_bf16 / "global_step_10")
+    ref = load_checkpoint_torch(tiny_run_bf16 / "global_step_10")
     torch.save(ref, tmp_path / "pytorch_model.bin")
     (tmp_path / "training_args.bin").write_bytes(b"\x80\x04never loaded")
     with pytest.raises(PipelineError, match="pickle checkpoint .* --allow-pickle"):

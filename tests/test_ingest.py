@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from reference import load_checkpoint_torch, torch_bits
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -39,29 +40,17 @@ def cluster():
         yield client
 
 
-def bits(t: torch.Tensor) -> np.ndarray:
-    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
-    return t.contiguous().view(width).numpy().view(f"<u{t.element_size()}")
-
-
-def reference(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
 def assert_store_matches(store: Path, run: Path, steps: list[int]) -> None:
     r = pipeline.open_run(store)
     assert r.steps == steps
     for s in steps:
-        ref = reference(run / f"global_step_{s}")
+        ref = load_checkpoint_torch(run / f"global_step_{s}")
         assert r.tensor_names == sorted(ref)
         for name, t in ref.items():
             got = r.read(name, s)
             assert r.dtype(name) == str(t.dtype).removeprefix("torch.")
             assert got.shape == tuple(t.shape)
-            np.testing.assert_array_equal(got.view(f"<u{t.element_size()}"), bits(t))
+            np.testing.assert_array_equal(got.view(f"<u{t.element_size()}"), torch_bits(t))
 
 
 def store_files(store: Path) -> dict[str, bytes]:
@@ -114,7 +103,8 @@ def test_lazy_views_and_float_reads(bf16_store, tiny_run_bf16: Path) -> None:
     store, _ = bf16_store
     r = pipeline.open_run(store)
     name = "model.layers.0.mlp.up_proj.weight"
-    ref = np.stack([bits(reference(tiny_run_bf16 / f"global_step_{s}")[name]) for s in r.steps])
+    ref = np.stack([torch_bits(load_checkpoint_torch(tiny_run_bf16 / f"global_step_{s}")[name])
+                    for s in r.steps])
     xa = r.to_xarray(name)
     assert list(xa["step"].values) == r.steps and xa.dtype == np.dtype(r.read(name, 0).dtype)
     np.testing.assert_array_equal(xa.values.view("<u2"), ref)
@@ -139,7 +129,7 @@ def test_fp16_bit_exact(tiny_run_fp32: Path, cluster, tmp_path: Path) -> None:
     for s in (0, 10):
         d = run / f"global_step_{s}"
         d.mkdir(parents=True)
-        sd = reference(tiny_run_fp32 / f"global_step_{s}")
+        sd = load_checkpoint_torch(tiny_run_fp32 / f"global_step_{s}")
         save_file({k: v.to(torch.float16) for k, v in sd.items()}, d / "model.safetensors")
     ingest(run, tmp_path / "s.zarr", client=cluster, progress=False)
     assert_store_matches(tmp_path / "s.zarr", run, [0, 10])
