@@ -128,6 +128,9 @@ def ingest_cmd(
         bool, typer.Option(help="also read pickle (.bin/.pt) weights, with weights_only=True")
     ] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    fit: Annotated[
+        bool, typer.Option(help="update the fit (incrementally) after every committed pass")
+    ] = False,
     catalog: CatalogOpt = None,
     scheduler: Scheduler = None,
 ) -> None:
@@ -137,20 +140,30 @@ def ingest_cmd(
     from pipeline.catalog import is_catalog_name, lookup
     from pipeline.store.ingest import ingest
 
-    run_dir, pattern = Path(run), step_pattern
+    run_dir, pattern, fit_out = Path(run), step_pattern, None
     if is_catalog_name(run):
         entry = lookup(run, catalog)
         run_dir, store = entry.checkpoints, store or entry.store
-        pattern = pattern or entry.step_pattern
+        pattern, fit_out = pattern or entry.step_pattern, entry.outputs / "fit"
     if store is None:
         raise PipelineError("--store is required when RUN is a path", run_dir)
+    after_commit = None
+    if fit:
+        from pipeline.fit.job import fit_store
+
+        def after_commit(client: object) -> None:
+            rep = fit_store(store, fit_out, client=client, progress=False)
+            typer.echo(f"fit {rep.fit_dir}: {len(rep.steps)} steps, updated with "
+                       f"{rep.new_steps} ({'incremental' if rep.incremental else 'fresh'})",
+                       err=True)
+
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = lambda msg, *_a, **_k: typer.echo(f"warning: {msg}", err=True)
         rep = ingest(run_dir, store, step_pattern=pattern, scheduler=scheduler, watch=watch,
                      poll=poll, settle=settle, max_idle=max_idle, until_step=until_step,
                      allow_pickle=allow_pickle, progress=progress,
-                     log=lambda m: typer.echo(m, err=True))
+                     log=lambda m: typer.echo(m, err=True), after_commit=after_commit)
     from pipeline.store.summary import print_ingest_report
 
     print_ingest_report(rep)

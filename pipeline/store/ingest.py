@@ -451,6 +451,7 @@ def ingest(
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     progress: bool = True,
     log: Callable[[str], None] = lambda _m: None,
+    after_commit: Callable[[Any], None] | None = None,
 ) -> IngestReport:
     """Ingest every checkpoint of ``run_dir`` into ``store``; with ``watch``, keep going.
 
@@ -458,7 +459,9 @@ def ingest(
     step is redone. ``watch`` polls every ``poll`` seconds, ingests a
     checkpoint once it is complete and unchanged for ``settle`` seconds, and
     stops after ``max_idle`` seconds without a new step or once a step >=
-    ``until_step`` is stored (never, if neither is given).
+    ``until_step`` is stored (never, if neither is given). ``after_commit(client)``
+    runs after every pass that committed steps (``ingest --fit`` updates the
+    fit there, so a watched run's fit stays current as checkpoints land).
     """
     t0 = time.perf_counter()
     run_dir, store = Path(run_dir), Path(store)
@@ -469,7 +472,8 @@ def ingest(
     try:
         with _client(client, scheduler) as c:
             ing = _Ingester(run_dir, store, c, opts, log)
-            _run(ing, store, watch, poll, settle, max_idle, until_step)
+            hook = (lambda: after_commit(c)) if after_commit else None
+            _run(ing, store, watch, poll, settle, max_idle, until_step, hook)
     except BaseException:
         if not existed and not (store / "zarr.json").exists():
             shutil.rmtree(store, ignore_errors=True)  # leave no empty store behind
@@ -484,16 +488,20 @@ def ingest(
 
 
 def _run(ing: _Ingester, store: Path, watch: bool, poll: float, settle: float,
-         max_idle: float | None, until_step: int | None) -> None:
+         max_idle: float | None, until_step: int | None,
+         after_commit: Callable[[], None] | None = None) -> None:
     """One pass, or the watch loop, under the store lock."""
     with store_lock(store):
         if not watch:
-            ing.run_pass(False, 0.0)
+            if ing.run_pass(False, 0.0) and after_commit:
+                after_commit()
             return
         last = time.monotonic()
         while True:
             if ing.run_pass(True, settle):
                 last = time.monotonic()
+                if after_commit:
+                    after_commit()
             steps = StoreState.open(store).steps
             if until_step is not None and steps and steps[-1] >= until_step:
                 return
