@@ -36,7 +36,7 @@ def cached_run(cfg: TinyRunConfig) -> Path:
         if not (path / "metrics.json").exists():
             tmp = CACHE / f".{key}.{os.getpid()}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            make_tiny_run(tmp, cfg, log=lambda _msg: None)
+            make_tiny_run(tmp, cfg, log=lambda _msg: None, progress=False)
             shutil.rmtree(path, ignore_errors=True)
             os.replace(tmp, path)
     return path

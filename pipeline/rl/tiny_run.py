@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,13 +65,16 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _warm_start(model, tokenizer, train: list[Problem], cfg: TinyRunConfig) -> None:
+def _warm_start(model, tokenizer, train: list[Problem], cfg: TinyRunConfig,
+                progress: bool = False) -> None:
     """Supervised steps on ``prompt+answer</s>`` so RL starts with a non-zero reward."""
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
     model.train()
     eos = tokenizer.eos_token
-    for _ in range(cfg.sft_steps):
+    from tqdm.auto import trange
+
+    for _ in trange(cfg.sft_steps, desc="warm start", disable=not progress, leave=False):
         idx = torch.randint(len(train), (cfg.sft_batch,), generator=gen).tolist()
         texts = [train[i].prompt + train[i].answer + eos for i in idx]
         enc = tokenizer(texts, return_tensors="pt", padding=True)
@@ -112,6 +116,7 @@ def make_tiny_run(
     out: str | Path,
     cfg: TinyRunConfig | None = None,
     log: Callable[[str], None] = print,
+    progress: bool = True,
 ) -> Path:
     """Train the run into ``out`` (``global_step_N/`` folders + metrics.json)."""
     import transformers
@@ -120,6 +125,8 @@ def make_tiny_run(
     from trl import GRPOConfig, GRPOTrainer
 
     transformers.utils.logging.disable_progress_bar()
+    # TRL calls transformers APIs that warn about their own renames: not the user's concern
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     transformers.utils.logging.set_verbosity_error()
     cfg = cfg or TinyRunConfig()
     out = Path(out)
@@ -132,7 +139,7 @@ def make_tiny_run(
     tokenizer = build_char_tokenizer()
     train, heldout = addition_problems(cfg.seed, cfg.n_heldout)
     model = build_model(cfg.arch, cfg.size, tokenizer, cfg.tie, cfg.seed)
-    _warm_start(model, tokenizer, train, cfg)
+    _warm_start(model, tokenizer, train, cfg, progress)
 
     metrics: dict = {"config": _config_dict(cfg), "reward": [], "heldout_accuracy": {}}
 
@@ -148,6 +155,7 @@ def make_tiny_run(
 
     class SaveEvery(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kw):
+            bar.update(1)
             if state.global_step % cfg.save_every == 0 or state.global_step == cfg.rl_steps:
                 checkpoint(state.global_step, model)
 
@@ -185,7 +193,11 @@ def make_tiny_run(
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
-    trainer.train()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.rl_steps, desc="GRPO", unit="step", disable=not progress, leave=False)
+    with bar:
+        trainer.train()
     shutil.rmtree(out / ".trainer", ignore_errors=True)
     metrics["seconds"] = round(time.perf_counter() - t_start, 1)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
