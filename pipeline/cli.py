@@ -169,6 +169,93 @@ def ingest_cmd(
     print_ingest_report(rep)
 
 
+def _store_and_outputs(target: str, catalog: Path | None) -> tuple[Path, Path | None]:
+    """STORE path, or a catalog name -> (its store, its outputs folder)."""
+    from pipeline.catalog import is_catalog_name, lookup
+
+    if is_catalog_name(target):
+        entry = lookup(target, catalog)
+        return entry.store, entry.outputs
+    return Path(target), None
+
+
+@app.command("fit")
+@user_errors
+def fit_cmd(
+    store: Annotated[str, typer.Argument(help="run store (zarr), or a catalog entry name")],
+    from_step: Annotated[
+        int | None, typer.Option("--from", help="first training step of the window")
+    ] = None,
+    to_step: Annotated[
+        int | None, typer.Option("--to", help="last training step of the window")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="fit folder (default: STORE's sibling NAME.fit)")
+    ] = None,
+    paper_filters: Annotated[
+        bool, typer.Option(help="headline figures after the authors' filters")
+    ] = False,
+    full: Annotated[bool, typer.Option(help="refit from scratch even if up to date")] = False,
+    bins: Annotated[int, typer.Option(help="R² histogram bins on [0, 1]")] = 100,
+    block_mb: Annotated[
+        float, typer.Option(help="checkpoint MB per step per task (memory ~50x)")
+    ] = 4.0,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    catalog: CatalogOpt = None,
+    scheduler: Scheduler = None,
+) -> None:
+    """Fit slope, intercept and R² of every weight element against step (incremental)."""
+    from pipeline.fit.histograms import print_headline
+    from pipeline.fit.job import fit_store
+
+    store_path, outputs = _store_and_outputs(store, catalog)
+    if out is None and outputs is not None:
+        out = outputs / "fit"
+    rep = fit_store(store_path, out, start=from_step, stop=to_step, scheduler=scheduler,
+                    n_bins=bins, block_bytes=int(block_mb * (1 << 20)), full=full,
+                    progress=progress)
+    print_headline(rep.histograms["paper" if paper_filters else "moving"])
+    how = ("up to date" if not rep.new_steps else
+           f"updated with steps {rep.new_steps}" if rep.incremental else "fitted from scratch")
+    typer.echo(f"fit {rep.fit_dir}: {how}; {len(rep.steps)} steps "
+               f"{rep.steps[0]}..{rep.steps[-1]}, {rep.tasks} tasks, "
+               f"{rep.bytes_read / 1e6:.1f} MB read in {rep.seconds:.1f} s")
+
+
+@app.command("report")
+@user_errors
+def report_cmd(
+    store: Annotated[str, typer.Argument(help="run store (zarr), or a catalog entry name")],
+    out: Annotated[Path | None, typer.Option(help="report folder (default: FIT/report)")] = None,
+    fit: Annotated[Path | None, typer.Option(help="fit folder (default: STORE's fit)")] = None,
+    paper_filters: Annotated[
+        bool, typer.Option(help="plot the elements kept by the authors' filters")
+    ] = False,
+    samples: Annotated[int, typer.Option(help="element trajectories to plot")] = 6,
+    backtest: Annotated[
+        bool, typer.Option(help="also backtest extrapolation (hold out the later half)")
+    ] = True,
+    catalog: CatalogOpt = None,
+) -> None:
+    """Write a self-contained HTML report (histograms, null, heatmap, trajectories, backtest)."""
+    from pipeline.fit.results import fit_dir_for
+    from pipeline.report.html import write_report
+
+    store_path, outputs = _store_and_outputs(store, catalog)
+    fit_dir = fit or (outputs / "fit" if outputs is not None else fit_dir_for(store_path))
+    out = out or fit_dir / "report"
+    extra = []
+    if backtest:
+        from pipeline.extrapolate.backtest import backtest_to_folder
+        from pipeline.extrapolate.sources import StoreSource
+
+        _, _, png = backtest_to_folder(StoreSource(store_path), out)
+        extra.append(("Backtest: predicted vs real weights", png))
+    page = write_report(store_path, fit_dir, out, paper_filters=paper_filters,
+                        n_samples=samples, extra_images=extra)
+    typer.echo(f"report: {page}")
+
+
 @app.command("extrapolate")
 @user_errors
 def extrapolate_cmd(
@@ -341,93 +428,6 @@ def alpha_sweep_cmd(
             w.writeheader()
             w.writerows(dicts)
         typer.echo(f"table: {csv_out}")
-
-
-def _store_and_outputs(target: str, catalog: Path | None) -> tuple[Path, Path | None]:
-    """STORE path, or a catalog name -> (its store, its outputs folder)."""
-    from pipeline.catalog import is_catalog_name, lookup
-
-    if is_catalog_name(target):
-        entry = lookup(target, catalog)
-        return entry.store, entry.outputs
-    return Path(target), None
-
-
-@app.command("fit")
-@user_errors
-def fit_cmd(
-    store: Annotated[str, typer.Argument(help="run store (zarr), or a catalog entry name")],
-    from_step: Annotated[
-        int | None, typer.Option("--from", help="first training step of the window")
-    ] = None,
-    to_step: Annotated[
-        int | None, typer.Option("--to", help="last training step of the window")
-    ] = None,
-    out: Annotated[
-        Path | None, typer.Option(help="fit folder (default: STORE's sibling NAME.fit)")
-    ] = None,
-    paper_filters: Annotated[
-        bool, typer.Option(help="headline figures after the authors' filters")
-    ] = False,
-    full: Annotated[bool, typer.Option(help="refit from scratch even if up to date")] = False,
-    bins: Annotated[int, typer.Option(help="R² histogram bins on [0, 1]")] = 100,
-    block_mb: Annotated[
-        float, typer.Option(help="checkpoint MB per step per task (memory ~50x)")
-    ] = 4.0,
-    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
-    catalog: CatalogOpt = None,
-    scheduler: Scheduler = None,
-) -> None:
-    """Fit slope, intercept and R² of every weight element against step (incremental)."""
-    from pipeline.fit.histograms import print_headline
-    from pipeline.fit.job import fit_store
-
-    store_path, outputs = _store_and_outputs(store, catalog)
-    if out is None and outputs is not None:
-        out = outputs / "fit"
-    rep = fit_store(store_path, out, start=from_step, stop=to_step, scheduler=scheduler,
-                    n_bins=bins, block_bytes=int(block_mb * (1 << 20)), full=full,
-                    progress=progress)
-    print_headline(rep.histograms["paper" if paper_filters else "moving"])
-    how = ("up to date" if not rep.new_steps else
-           f"updated with steps {rep.new_steps}" if rep.incremental else "fitted from scratch")
-    typer.echo(f"fit {rep.fit_dir}: {how}; {len(rep.steps)} steps "
-               f"{rep.steps[0]}..{rep.steps[-1]}, {rep.tasks} tasks, "
-               f"{rep.bytes_read / 1e6:.1f} MB read in {rep.seconds:.1f} s")
-
-
-@app.command("report")
-@user_errors
-def report_cmd(
-    store: Annotated[str, typer.Argument(help="run store (zarr), or a catalog entry name")],
-    out: Annotated[Path | None, typer.Option(help="report folder (default: FIT/report)")] = None,
-    fit: Annotated[Path | None, typer.Option(help="fit folder (default: STORE's fit)")] = None,
-    paper_filters: Annotated[
-        bool, typer.Option(help="plot the elements kept by the authors' filters")
-    ] = False,
-    samples: Annotated[int, typer.Option(help="element trajectories to plot")] = 6,
-    backtest: Annotated[
-        bool, typer.Option(help="also backtest extrapolation (hold out the later half)")
-    ] = True,
-    catalog: CatalogOpt = None,
-) -> None:
-    """Write a self-contained HTML report (histograms, null, heatmap, trajectories, backtest)."""
-    from pipeline.fit.results import fit_dir_for
-    from pipeline.report.html import write_report
-
-    store_path, outputs = _store_and_outputs(store, catalog)
-    fit_dir = fit or (outputs / "fit" if outputs is not None else fit_dir_for(store_path))
-    out = out or fit_dir / "report"
-    extra = []
-    if backtest:
-        from pipeline.extrapolate.backtest import backtest_to_folder
-        from pipeline.extrapolate.sources import StoreSource
-
-        _, _, png = backtest_to_folder(StoreSource(store_path), out)
-        extra.append(("Backtest: predicted vs real weights", png))
-    page = write_report(store_path, fit_dir, out, paper_filters=paper_filters,
-                        n_samples=samples, extra_images=extra)
-    typer.echo(f"report: {page}")
 
 
 def main() -> None:  # pragma: no cover - console entry point
