@@ -238,11 +238,17 @@ def test_update_batched_equals_step_by_step(dtype, monkeypatch) -> None:
             np.testing.assert_array_equal(st.has4, states[0].has4)
             np.testing.assert_array_equal(st.w0, states[0].w0)
             np.testing.assert_array_equal(st.wlast, states[0].wlast)
+            np.testing.assert_array_equal(st.wmin, states[0].wmin)  # -0.0 folded: order-free
+            np.testing.assert_array_equal(st.wmax, states[0].wmax)
         # distinct values counted exactly (values, so -0.0 is 0.0; the NaN pattern is one value)
         fit = K.finalize(states[0], K.XStats.from_steps(steps), dt)
         f = vals.astype(np.float64)
         n_distinct = np.array([np.unique(f[:, i]).size for i in range(m)])
         np.testing.assert_array_equal(fit.distinct4, n_distinct >= K.MIN_DISTINCT)
+        # the range filter: max - min of the values themselves, exactly
+        ok = np.isfinite(f).all(0)
+        np.testing.assert_array_equal(fit.moved_enough[ok],
+                                      (f.max(0) - f.min(0) > K.MIN_CHANGE)[ok])
         np.testing.assert_array_equal(fit.nonfinite, ~np.isfinite(f).all(0))
         np.testing.assert_array_equal(fit.static, (f == f[:1]).all(0) & np.isfinite(f).all(0))
 
@@ -416,3 +422,29 @@ def test_cli_fit_and_report(store_bf16, tmp_path) -> None:
     assert "http://" not in page and "https://" not in page  # opens with no server
     res = CliRunner().invoke(app, ["fit", str(tmp_path / "nope.zarr"), "--no-progress"])
     assert res.exit_code == 2 and "error:" in res.output
+
+
+def test_reader_out_buffer_matches_fresh_read(store_bf16) -> None:
+    """``read_block(out=)`` (the fit reads into its workspace) gives the same bits as without."""
+    from pipeline.store.codec import decode, encode
+    from pipeline.store.reader import open_run
+
+    src = open_run(store_bf16)
+    n = len(src.steps)
+    for name in src.tensor_names:
+        shape = src.shape(name)
+        rows = slice(0, max(1, shape[0] // 2)) if shape else None
+        for steps in (None, slice(1, n), slice(n - 1, n), [src.steps[-1], src.steps[0]]):
+            want = src.read_block(name, steps, rows)
+            buf = np.full(want.shape, 7, want.dtype.str if want.dtype.kind != "V" else "<u2")
+            got = src.read_block(name, steps, rows, out=buf.view(want.dtype))
+            np.testing.assert_array_equal(got.view(buf.dtype), want.view(buf.dtype))
+            assert np.shares_memory(got, buf)
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 1 << 16, 1000, dtype=np.uint16)
+    bits = rng.integers(0, 1 << 16, 1000, dtype=np.uint16)
+    stored = encode(bits, base)
+    np.testing.assert_array_equal(decode(stored, base), bits)
+    out = np.empty_like(bits)
+    np.testing.assert_array_equal(decode(stored.copy(), base, out=out), bits)
+    np.testing.assert_array_equal(decode(stored.copy(), base, overwrite=True), bits)

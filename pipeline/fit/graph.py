@@ -7,7 +7,7 @@ count. A task reads all new steps of a piece at once (up to
 ``READ_BUDGET_BYTES``) through the ``SourceRef``, updates the sufficient
 statistics in one pass, writes results and state for its own chunks and
 returns only small additive summaries (histograms, counts). Memory per task
-is bounded by its block (about 110 bytes of state, flip signs and results
+is bounded by its block (about 100 bytes of state, flip signs and results
 per element, kept in a per-thread workspace, plus the steps read), never by
 the model or the number of steps.
 """
@@ -116,6 +116,32 @@ def _row_elems(shape: tuple[int, ...]) -> int:
     return n
 
 
+def _block_shape(shape: tuple[int, ...], piece: Piece) -> tuple[int, ...]:
+    return (piece.stop - piece.start, *shape[1:]) if shape else ()
+
+
+_TAKES_OUT: dict[type, bool] = {}
+
+
+def _read_block(src: Any, name: str, steps: slice, rows: slice | None,
+                out: np.ndarray) -> np.ndarray:
+    """``src.read_block`` into ``out`` when the source takes ``out=`` (the store reader does)."""
+    kind = type(src)
+    takes = _TAKES_OUT.get(kind)
+    if takes is None:
+        import inspect
+
+        try:
+            params = inspect.signature(src.read_block).parameters
+            takes = "out" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+        except (TypeError, ValueError):
+            takes = False
+        _TAKES_OUT[kind] = takes
+    if takes:
+        return src.read_block(name, steps, rows, out=out)
+    return src.read_block(name, steps, rows)
+
+
 _WORKSPACE = threading.local()
 
 
@@ -147,8 +173,9 @@ def fit_piece(src: Any, t: TensorPlan, piece: Piece, cfg: FitConfig,
     i = 0 if state is None else cfg.done
     while i < len(steps):
         j = min(i + batch, len(steps))
-        vals = src.read_block(t.name, slice(cfg.first_position + i, cfg.first_position + j),
-                              rows).reshape(j - i, m)
+        buf = ws.get("values", (j - i, *_block_shape(t.shape, piece)), dtype)
+        vals = _read_block(src, t.name, slice(cfg.first_position + i, cfg.first_position + j),
+                           rows, buf).reshape(j - i, m)
         if state is None:
             state = K.init_state(vals[0], ws)
             vals, i = vals[1:], i + 1

@@ -23,12 +23,13 @@ Model, for every scalar weight w at steps s_1 < ... < s_N of a window:
   element index: reproducible, independent of block layout and of the order
   in which steps arrive.
 * Authors' filters (``--paper-filters``): max - min over steps > 1e-4 (from the
-  running min/max of d), and at least 4 distinct values. Distinct values are
-  counted exactly but capped: besides the first value we remember two *other*
-  bit patterns seen (v1, v2) and a flag set when a fourth distinct pattern
-  appears (-0.0 is folded into +0.0, so values, not bits, count). That is
-  exact for the threshold and costs 2 raw values + 1 flag per element, where
-  a change counter would over-count values that come back.
+  running min and max value, kept as raw bits of the logical dtype: exact, and 2
+  bytes an element each for bf16 where float64 took 8), and at least 4 distinct
+  values. Distinct values are counted exactly but capped: besides the first value
+  we remember two *other* bit patterns seen (v1, v2) and a flag set when a fourth
+  distinct pattern appears (-0.0 is folded into +0.0, so values, not bits, count).
+  That is exact for the threshold and costs 2 raw values + 1 flag per element,
+  where a change counter would over-count values that come back.
 * NaN/inf weights (stored bit-exact) make Σd² non-finite: such elements are
   counted as ``nonfinite``, neither static nor binned.
 
@@ -105,8 +106,8 @@ def _get(ws: Workspace | None, role: str, shape: tuple[int, ...],
     return np.empty(shape, dtype) if ws is None else ws.get(role, shape, dtype)
 
 
-F64_FIELDS = ("sd", "sxd", "sdd", "se", "sxe", "see", "e", "dmin", "dmax")
-RAW_FIELDS = ("w0", "wlast", "v1", "v2")
+F64_FIELDS = ("sd", "sxd", "sdd", "se", "sxe", "see", "e")
+RAW_FIELDS = ("w0", "wlast", "v1", "v2", "wmin", "wmax")
 BOOL_FIELDS = ("has4",)
 BITS_FIELDS = RAW_FIELDS + BOOL_FIELDS
 
@@ -119,8 +120,8 @@ def _row(table: str, i: int) -> property:
 class FitState:
     """Per-element running state of one block of elements: two 2-D arrays, stored as they are.
 
-    ``f64`` (9, m) holds the float64 sums, one row per ``F64_FIELDS``; ``bits``
-    (5, m) holds raw bit patterns of the logical dtype (bf16 as uint16), one
+    ``f64`` (7, m) holds the float64 sums, one row per ``F64_FIELDS``; ``bits``
+    (7, m) holds raw bit patterns of the logical dtype (bf16 as uint16), one
     row per ``RAW_FIELDS``, then ``has4`` as 0/1. The state stores and reloads
     bit-exactly, and a piece is written without restacking. Each field is a
     row view (``state.sd``, ``state.w0``, ...).
@@ -136,13 +137,13 @@ class FitState:
     sxe = _row("f64", 4)
     see = _row("f64", 5)
     e = _row("f64", 6)  # current value of the sign-flipped path
-    dmin = _row("f64", 7)
-    dmax = _row("f64", 8)
     w0 = _row("bits", 0)  # raw bits of the first value
     wlast = _row("bits", 1)  # raw bits of the latest value
     v1 = _row("bits", 2)  # raw bits of the 2nd distinct value (== w0 while unseen)
     v2 = _row("bits", 3)  # raw bits of the 3rd distinct value (== w0 while unseen)
-    has4 = _row("bits", 4)  # 1 once a 4th distinct value was seen, else 0
+    wmin = _row("bits", 4)  # raw bits of the smallest value (-0.0 folded into +0.0)
+    wmax = _row("bits", 5)  # raw bits of the largest value (-0.0 folded into +0.0)
+    has4 = _row("bits", 6)  # 1 once a 4th distinct value was seen, else 0
 
     def __post_init__(self) -> None:
         self.f64 = np.ascontiguousarray(self.f64, np.float64).reshape(len(F64_FIELDS), -1)
@@ -250,6 +251,8 @@ class _Scratch:
         self.c = _get(ws, "u_c", (kn,), bool)
         self.flip = _get(ws, "u_flip", (kn,), np.uint8)
         self.w0f = _get(ws, "u_w0f", (n,), np.float64)
+        self.r0 = _get(ws, "u_r0", (n,), np.float64)
+        self.r1 = _get(ws, "u_r1", (n,), np.float64)
         self.hi = _get(ws, "u_hi", (n,), bits)
         self.lo = _get(ws, "u_lo", (n,), bits)
         self.m = [_get(ws, f"u_m{i}", (n,), bool) for i in range(4)]
@@ -324,11 +327,12 @@ def _update_tile(state: FitState, lo: int, hi: int, vals: np.ndarray, x: np.ndar
     d1, e1, p1 = (s.view(b, n, k + 1) for b in ("d", "e", "p"))  # row 0 + k steps
     d, ee, p = d1[1:], e1[1:], p1[1:]
     w0f = s.w0f[:n]
-    sd, sxd, sdd, se, sxe, see, e, dmin, dmax = state.f64[:, lo:hi]
+    sd, sxd, sdd, se, sxe, see, e = state.f64[:, lo:hi]
     # the fit: deltas from the first value, float64 (every logical dtype widens exactly)
     np.copyto(w0f, state.w0[lo:hi].view(dtype), casting="unsafe")
     np.copyto(d1[0], state.wlast[lo:hi].view(dtype), casting="unsafe")
     np.copyto(d, vals, casting="unsafe")
+    _update_range(state, lo, hi, vals, d, s)
     np.subtract(d1, w0f, out=d1)  # row 0: d of the last step already in the state
     # the null: same increments d_j - d_{j-1}, random signs, e_j = e_{j-1} + (+-increment)
     np.subtract(d1[1:], d1[:-1], out=ee)
@@ -347,11 +351,35 @@ def _update_tile(state: FitState, lo: int, hi: int, vals: np.ndarray, x: np.ndar
         np.multiply(rows, rows, out=p)
         _sum_rows(p1, s2)
         _sum_rows(slab, s1)  # last: overwrites row 0
-    np.minimum.reduce(d, axis=0, out=w0f)
-    np.minimum(dmin, w0f, out=dmin)
-    np.maximum.reduce(d, axis=0, out=w0f)
-    np.maximum(dmax, w0f, out=dmax)
     _update_distinct(state, lo, hi, vals, s, negz)
+
+
+def _exact_f64(dtype: np.dtype) -> bool:
+    """Whether every value of ``dtype`` widens to float64 exactly (all but 64-bit integers)."""
+    return not (dtype.kind in "iu" and dtype.itemsize > 4)
+
+
+def _update_range(state: FitState, lo: int, hi: int, vals: np.ndarray, wide: np.ndarray,
+                  s: _Scratch) -> None:
+    """Running min and max value (raw bits of the logical dtype) over the k steps of a slab.
+
+    ``wide`` is ``vals`` widened to float64 (exact for every dtype but 64-bit
+    integers, which take the min and max as they are). -0.0 is folded into
+    +0.0 so the bits stored do not depend on the order steps arrive in.
+    """
+    dtype = vals.dtype
+    for row, red in ((state.wmin[lo:hi], np.minimum), (state.wmax[lo:hi], np.maximum)):
+        cur = row.view(dtype)
+        if not _exact_f64(dtype):
+            red(cur, red.reduce(vals, axis=0), out=cur)
+            continue
+        a, b = s.r0[: hi - lo], s.r1[: hi - lo]
+        red.reduce(wide, axis=0, out=a)
+        np.copyto(b, cur, casting="unsafe")
+        red(b, a, out=a)
+        if dtype.kind not in "iub":
+            a += 0.0  # -0.0 + 0.0 == +0.0
+        np.copyto(cur, a, casting="unsafe")  # exact: a is one of the values
 
 
 def _update_distinct(state: FitState, lo: int, hi: int, vals: np.ndarray, s: _Scratch,
@@ -466,7 +494,7 @@ def _finalize_tile(state: FitState, xst: XStats, dtype: np.dtype, lo: int, hi: i
     """``finalize`` of elements [lo, hi) into ``out`` (views of that size); tmp is (3, hi - lo)."""
     n = float(xst.n)
     sxx = xst.centred_sxx
-    sd, sxd, sdd, se, sxe, see, _, dmin, dmax = state.f64[:, lo:hi]
+    sd, sxd, sdd, se, sxe, see, _ = state.f64[:, lo:hi]
     t, sxy, syy = tmp
     static = np.equal(sdd, 0.0, out=out.static)
     np.multiply(xst.sx, sd, out=t)
@@ -497,7 +525,10 @@ def _finalize_tile(state: FitState, xst: XStats, dtype: np.dtype, lo: int, hi: i
     np.copyto(syy, 0.0, where=static)
     r_squared(sxy, sxx, syy, out=out.null_r2, tmp=t)
     np.not_equal(state.has4[lo:hi], 0, out=out.distinct4)  # w0, v1, v2 and a 4th were seen
-    np.subtract(dmax, dmin, out=t)
+    # max - min: both widen exactly (see ``_update_range``), so one rounding at most
+    np.copyto(t, state.wmax[lo:hi].view(dtype), casting="unsafe")
+    np.copyto(sxy, state.wmin[lo:hi].view(dtype), casting="unsafe")
+    np.subtract(t, sxy, out=t)
     np.greater(t, MIN_CHANGE, out=out.moved_enough)
     np.isfinite(sdd, out=out.nonfinite)
     np.logical_not(out.nonfinite, out=out.nonfinite)

@@ -7,7 +7,7 @@
                                  block size, tensor table, ``complete`` (set last)
         tensors/<escaped>/       slope, intercept, r2, null_r2: float32, the tensor's shape,
                                  dims dim_0.. (r2 and null_r2 are NaN where static)
-        state/<escaped>/         f64 (9, *shape) and bits (5, *shape): the sufficient
+        state/<escaped>/         f64 (7, *shape) and bits (7, *shape): the sufficient
                                  statistics that let an appended step update the fit
       histograms.zarr/           groups ``moving`` and ``paper``: xarray Datasets (tensor x bin)
       summary_*.csv              per tensor, per layer x module, overall
@@ -31,7 +31,7 @@ from pipeline.errors import PipelineError
 from pipeline.fit.kernels import BITS_FIELDS, F64_FIELDS, FitState, bits_dtype
 from pipeline.store.naming import escape_name
 
-SCHEMA_VERSION = 2  # 2: n_nonfinite in the histograms
+SCHEMA_VERSION = 3  # 2: n_nonfinite in the histograms; 3: min/max as raw bits
 ATTRS_KEY = "rlvr_lin_fit"
 ELEMENTS = "elements.zarr"
 HISTOGRAMS = "histograms.zarr"
@@ -86,17 +86,23 @@ def write_meta(fit_dir: str | Path, meta: dict[str, Any]) -> None:
 
 
 def _fast() -> Any:
-    """Compression for everything the fit writes: lz4 after a bit shuffle.
+    """Compression for the state the fit writes: lz4 after a bit shuffle.
 
-    Writing is most of a fit's I/O (~100 bytes per element against 2 per step
+    Writing is most of a fit's I/O (~80 bytes per element against 2 per step
     read). The float64 sums of bf16 deltas have few significant bits: a bit
-    shuffle + lz4 stores them in ~0.2 of their size as fast as writing them
-    raw, where zstd took 3x as long for the same size (measured on a
-    synthetic bf16 run; float32 results shrink less, to ~0.9).
+    shuffle + lz4 stores them in ~0.2 of their size, at about the cost of
+    writing them raw, where zstd (level 1) took 3-5x as long for the same size;
+    the raw bits shrink to ~0.65 (measured on a synthetic bf16 run).
     """
     from zarr.codecs import BloscCodec
 
     return BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle")
+
+
+def _results_compressors() -> Any:
+    """None: float32 slope/intercept/R² shrink only to ~0.9 under lz4, which doubles the
+    time to write them (measured), so they are stored raw."""
+    return None
 
 
 def create_fit(fit_dir: str | Path, tensors: list[TensorPlan], meta: dict[str, Any]) -> None:
@@ -110,7 +116,7 @@ def create_fit(fit_dir: str | Path, tensors: list[TensorPlan], meta: dict[str, A
         g = tg.create_group(t.path)
         for f in RESULT_FIELDS:
             g.create_array(f, shape=t.shape, chunks=chunks or None, dtype="float32",
-                           fill_value=np.nan, compressors=_fast(),
+                           fill_value=np.nan, compressors=_results_compressors(),
                            dimension_names=_dims(len(t.shape)))
         s = sg.create_group(t.path)
         s.create_array("f64", shape=(len(F64_FIELDS), *t.shape),

@@ -47,14 +47,34 @@ def encode_inplace(bits: NDArray, base: NDArray) -> NDArray:
     return bits
 
 
-def decode(stored: NDArray, base: NDArray | None) -> NDArray:
-    """Inverse of ``encode``: the original bit patterns."""
+def decode(stored: NDArray, base: NDArray | None, out: NDArray | None = None,
+           overwrite: bool = False) -> NDArray:
+    """Inverse of ``encode``: the original bit patterns.
+
+    ``out`` (same shape and dtype) receives them instead of a new array;
+    ``overwrite=True`` lets ``stored`` serve as scratch (it is clobbered), so
+    no temporary is allocated at all.
+    """
     if base is None:
-        return stored
+        if out is None:
+            return stored
+        np.copyto(out, stored)
+        return out
     u = stored.dtype
     one = u.type(1)
-    d = (stored >> one) ^ (-(stored & one).view(_signed(u))).view(u)
-    return d + base
+    if out is None and not overwrite:
+        d = (stored >> one) ^ (-(stored & one).view(_signed(u))).view(u)
+        return d + base
+    if out is None:
+        out = np.empty_like(stored)
+    scratch = stored if overwrite else np.empty_like(stored)
+    np.right_shift(stored, one, out=out)
+    np.bitwise_and(stored, one, out=scratch)
+    s = scratch.view(_signed(u))
+    np.negative(s, out=s)  # 0 or all ones
+    np.bitwise_xor(out, scratch, out=out)
+    np.add(out, base, out=out)
+    return out
 
 
 def as_logical(bits: NDArray, dtype: str) -> NDArray:

@@ -108,24 +108,46 @@ class RunStore:
         return arr
 
     def read_bits(self, name: str, steps: slice | list[int] | None = None,
-                  rows: slice | None = None) -> np.ndarray:
+                  rows: slice | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """Decoded bit patterns, shape ``(n_selected_steps, *block)``.
 
         ``steps`` selects positions (a slice of positions or a list of
-        training steps); ``rows`` slices the tensor's leading axis.
+        training steps); ``rows`` slices the tensor's leading axis. ``out``
+        (C-contiguous, that shape, the stored unsigned dtype) receives the
+        patterns instead of a new array (e.g. a buffer reused across reads,
+        so large reads do not page-fault); the array returned is ``out``.
         """
         idx = self._positions(steps)
         arr = self._array(name)
         tail: tuple = (rows if rows is not None else slice(None),) if self.shape(name) else ()
+        dtype = _native(arr.dtype)
+        full = self.shape(name)
+        block = (len(range(*tail[0].indices(full[0]))), *full[1:]) if full else ()
+        shape = (len(idx), *block)
+        if out is None:
+            out = np.empty(shape, dtype=dtype)
+        elif out.shape != shape or out.dtype != dtype:
+            raise ValueError(f"out is {out.shape} {out.dtype}, the block is {shape} {dtype}")
         if not idx:
-            return np.empty((0, *np.empty(self.shape(name))[tail].shape),
-                            dtype=arr.dtype.to_native_dtype())
-        base = np.asarray(arr[(0, *tail)])
-        out = np.empty((len(idx), *base.shape), dtype=base.dtype)
-        # contiguous runs of positions are read with one zarr call each
+            return out
+        base = None
+        if any(i != 0 for i in idx):  # the base step, read once
+            k0 = idx.index(0) if 0 in idx else None
+            base = np.asarray(arr[(0, *tail)])
+            if k0 is not None:
+                np.copyto(out[k0, ...], base)
+                base = out[k0, ...]
         for k, i in enumerate(idx):
+            if i == 0:
+                if base is None:
+                    np.copyto(out[k, ...], np.asarray(arr[(0, *tail)]))
+                elif not np.shares_memory(out[k, ...], base):
+                    np.copyto(out[k, ...], base)
+                continue
             stored = np.asarray(arr[(i, *tail)])
-            out[k] = stored if i == 0 else decode(stored, base)
+            if not stored.flags.writeable:
+                stored = stored.copy()
+            decode(stored, base, out=out[k, ...], overwrite=True)
         return out
 
     def _positions(self, steps: slice | list[int] | None) -> list[int]:
@@ -137,9 +159,14 @@ class RunStore:
         return [self.index(int(s)) for s in steps]
 
     def read_block(self, name: str, steps: slice | list[int] | None = None,
-                   rows: slice | None = None) -> np.ndarray:
-        """A block in the logical dtype, shape ``(n_selected_steps, *block)``."""
-        return as_logical(self.read_bits(name, steps, rows), self.dtype(name))
+                   rows: slice | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """A block in the logical dtype, shape ``(n_selected_steps, *block)``.
+
+        ``out`` (that shape, the logical dtype or its unsigned bits dtype)
+        receives the block instead of a new array, as in ``read_bits``.
+        """
+        bits = None if out is None else out.view(_native(self._array(name).dtype))
+        return as_logical(self.read_bits(name, steps, rows, out=bits), self.dtype(name))
 
     def read(self, name: str, step: int, rows: slice | None = None) -> np.ndarray:
         """One training step of a tensor, in its logical dtype, bit-exact."""
@@ -191,6 +218,11 @@ class RunStore:
     def __repr__(self) -> str:
         return (f"RunStore({str(self.path)!r}, steps={self._steps}, "
                 f"tensors={len(self.tensor_names)})")
+
+
+def _native(dtype: Any) -> np.dtype:
+    """A zarr array's dtype as a numpy dtype (zarr 3.0 wraps it, 3.1 gives numpy's)."""
+    return np.dtype(dtype.to_native_dtype() if hasattr(dtype, "to_native_dtype") else dtype)
 
 
 def _decode_block(stored: np.ndarray, base: np.ndarray) -> np.ndarray:
