@@ -196,6 +196,12 @@ def fit_cmd(
         bool, typer.Option(help="headline figures after the authors' filters")
     ] = False,
     full: Annotated[bool, typer.Option(help="refit from scratch even if up to date")] = False,
+    state: Annotated[
+        bool, typer.Option("--state/--no-state",
+                           help="keep the sufficient statistics (~70 B/element) that let "
+                                "appended steps update the fit; --no-state writes only the "
+                                "results and the next fit starts afresh")
+    ] = True,
     bins: Annotated[int, typer.Option(help="R² histogram bins on [0, 1]")] = 100,
     block_mb: Annotated[
         float, typer.Option(help="checkpoint MB per step per task (memory ~50x)")
@@ -213,7 +219,7 @@ def fit_cmd(
         out = outputs / "fit"
     rep = fit_store(store_path, out, start=from_step, stop=to_step, scheduler=scheduler,
                     n_bins=bins, block_bytes=int(block_mb * (1 << 20)), full=full,
-                    progress=progress)
+                    progress=progress, keep_state=state)
     print_headline(rep.histograms["paper" if paper_filters else "moving"])
     how = ("up to date" if not rep.new_steps else
            f"updated with steps {rep.new_steps}" if rep.incremental else "fitted from scratch")

@@ -6,7 +6,8 @@ share a task, so the number of tasks follows the bytes, not the tensor
 count. A task reads all new steps of a piece at once (up to
 ``READ_BUDGET_BYTES``) through the ``SourceRef``, updates the sufficient
 statistics in one pass, writes results and state for its own chunks and
-returns only small additive summaries (histograms, counts). Memory per task
+returns only small additive summaries (histograms, counts). With
+``keep_state=False`` the state is computed the same way but never written. Memory per task
 is bounded by its block (about 100 bytes of state, flip signs and results
 per element, kept in a per-thread workspace, plus the steps read), never by
 the model or the number of steps.
@@ -41,6 +42,7 @@ class FitConfig:
     done: int  # steps[:done] are already in the stored state (0: fresh)
     seed: int
     n_bins: int
+    keep_state: bool = True  # False: write only the results (the next fit starts afresh)
 
 
 @dataclass
@@ -186,7 +188,7 @@ def fit_piece(src: Any, t: TensorPlan, piece: Piece, cfg: FitConfig,
     assert state is not None  # a window has at least 2 steps
     results = {r: ws.get(f"result_{r}", (m,), np.float32) for r in K.RESULTS}
     tot = K.finish(state, xst, dtype, cfg.n_bins, results, ws)
-    write_piece(cfg.fit_dir, t, rows, results, state)
+    write_piece(cfg.fit_dir, t, rows, results, state if cfg.keep_state else None)
     out = TensorSummary(n_elements=m, n_static=tot.n_static, n_nonfinite=tot.n_nonfinite)
     for name, b in tot.summaries.items():
         out.selections[name] = SelectionSummary(

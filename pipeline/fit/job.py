@@ -67,9 +67,16 @@ def _window(steps: list[int], start: int | None, stop: int | None) -> tuple[int,
 
 def _can_resume(meta: dict[str, Any] | None, plans: list[TensorPlan], steps: list[int],
                 window: tuple[int | None, int | None], seed: int, block_bytes: int,
-                n_bins: int) -> int:
-    """How many leading window steps the stored state already holds (0: start afresh)."""
+                n_bins: int, keep_state: bool = True) -> int:
+    """How many leading window steps the stored state already holds (0: start afresh).
+
+    A fit stored without state (``"state": false``) can't be updated: it is only reused
+    when it is already current and no state is asked for; a fit with state is refitted
+    when ``keep_state`` is False, so the new fit folder holds no stale state.
+    """
     if not meta or not meta.get("complete") or meta.get("schema_version") != SCHEMA_VERSION:
+        return 0
+    if bool(meta.get("state", True)) != keep_state:
         return 0
     same = (meta.get("seed") == seed and meta.get("block_bytes") == block_bytes
             and meta.get("n_bins") == n_bins and list(meta.get("window", [])) == list(window)
@@ -77,6 +84,8 @@ def _can_resume(meta: dict[str, Any] | None, plans: list[TensorPlan], steps: lis
     done = list(meta.get("steps", []))
     if not same or len(done) < 2 or done != steps[:len(done)]:
         return 0
+    if not keep_state and len(done) != len(steps):
+        return 0  # no state to update from
     return len(done)
 
 
@@ -98,6 +107,7 @@ def fit_store(
     seed: int = DEFAULT_SEED,
     full: bool = False,
     progress: bool = True,
+    keep_state: bool = True,
 ) -> FitReport:
     """Fit slope, intercept and R² of every element against step; update in place if possible.
 
@@ -105,6 +115,8 @@ def fit_store(
     complete fit of the same window exists and the store only gained steps,
     only those steps are read (``full=True`` forces a fresh fit). ``source``
     replaces the store reader (tests use it to slow or observe reads).
+    ``keep_state=False`` writes only the float32 results (no ~70 bytes per element of
+    sufficient statistics); the metadata records it, so the next fit starts afresh.
     """
     t0 = time.perf_counter()
     store = Path(store)
@@ -124,10 +136,11 @@ def fit_store(
         plans.append(TensorPlan(name, shape, dt, rows))
     window = (start, stop)
     done = 0 if full else _can_resume(read_meta(fit_dir), plans, steps, window, seed,
-                                      block_bytes, n_bins)
+                                      block_bytes, n_bins, keep_state)
     meta = {"schema_version": SCHEMA_VERSION, "store": str(store.resolve()), "steps": steps,
             "window": list(window), "seed": seed, "block_bytes": block_bytes, "n_bins": n_bins,
             "tensors": {p.name: _plan_json(p) for p in plans}, "complete": False,
+            "state": keep_state,
             "x": "step - steps[0] (slope per training step, intercept at step 0)"}
     if done == len(steps):  # nothing new: the stored fit is current
         hists = {sel: FitResult(fit_dir).histograms(sel) for sel in SELECTIONS}
@@ -136,9 +149,9 @@ def fit_store(
     if done:
         write_meta(fit_dir, meta)  # incomplete until the update has finished everywhere
     else:
-        create_fit(fit_dir, plans, meta)
+        create_fit(fit_dir, plans, meta, keep_state)
     tasks = plan_tasks(plans, block_bytes)
-    cfg = FitConfig(str(fit_dir), tuple(steps), i0, done, seed, n_bins)
+    cfg = FitConfig(str(fit_dir), tuple(steps), i0, done, seed, n_bins, keep_state)
     n_read = len(steps) - done
     step_bytes = sum(p.nbytes for t in tasks for p in t)
     totals = _run(client, scheduler, ref, {p.name: p for p in plans}, tasks, cfg,

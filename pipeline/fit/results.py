@@ -9,6 +9,8 @@
                                  dims dim_0.. (r2 and null_r2 are NaN where static)
         state/<escaped>/         f64 (7, *shape) and bits (7, *shape): the sufficient
                                  statistics that let an appended step update the fit
+                                 (absent when fitted with ``keep_state=False``; then
+                                 attrs ``state`` is false and the next fit starts afresh)
       histograms.zarr/           groups ``moving`` and ``paper``: xarray Datasets (tensor x bin)
       summary_*.csv              per tensor, per layer x module, overall
 
@@ -105,12 +107,16 @@ def _results_compressors() -> Any:
     return None
 
 
-def create_fit(fit_dir: str | Path, tensors: list[TensorPlan], meta: dict[str, Any]) -> None:
-    """Create every array of a fresh fit (metadata only; tasks fill the chunks)."""
+def create_fit(fit_dir: str | Path, tensors: list[TensorPlan], meta: dict[str, Any],
+               keep_state: bool = True) -> None:
+    """Create every array of a fresh fit (metadata only; tasks fill the chunks).
+
+    Without ``keep_state`` only the float32 results are created (no ``state`` group).
+    """
     root = zarr.open_group(str(Path(fit_dir) / ELEMENTS), mode="w")
     root.attrs[ATTRS_KEY] = meta
     tg = root.create_group("tensors")
-    sg = root.create_group("state")
+    sg = root.create_group("state") if keep_state else None
     for t in tensors:
         chunks = t.chunks()
         g = tg.create_group(t.path)
@@ -118,6 +124,8 @@ def create_fit(fit_dir: str | Path, tensors: list[TensorPlan], meta: dict[str, A
             g.create_array(f, shape=t.shape, chunks=chunks or None, dtype="float32",
                            fill_value=np.nan, compressors=_results_compressors(),
                            dimension_names=_dims(len(t.shape)))
+        if sg is None:
+            continue
         s = sg.create_group(t.path)
         s.create_array("f64", shape=(len(F64_FIELDS), *t.shape),
                        chunks=(len(F64_FIELDS), *chunks), dtype="float64", fill_value=0.0,
@@ -133,8 +141,9 @@ def _region(shape: tuple[int, ...], rows: slice | None) -> tuple:
 
 
 def write_piece(fit_dir: str | Path, t: TensorPlan, rows: slice | None,
-                results: dict[str, np.ndarray], state: FitState) -> None:
-    """Write one piece's results (float32) and state; rows are a whole number of chunks."""
+                results: dict[str, np.ndarray], state: FitState | None) -> None:
+    """Write one piece's results (float32) and state (unless None: a fit without state);
+    rows are a whole number of chunks."""
     root = Path(fit_dir) / ELEMENTS
     reg = _region(t.shape, rows)
     block = np.empty(t.shape)[reg].shape if t.shape else ()
@@ -144,6 +153,8 @@ def write_piece(fit_dir: str | Path, t: TensorPlan, rows: slice | None,
         for f in RESULT_FIELDS:
             arr = zarr.open_array(str(root), path=f"tensors/{t.path}/{f}", mode="r+")
             arr[reg] = results[f].astype(np.float32, copy=False).reshape(block)
+        if state is None:
+            return
         for name, a in (("f64", state.f64), ("bits", state.bits)):
             arr = zarr.open_array(str(root), path=f"state/{t.path}/{name}", mode="r+")
             arr[(slice(None), *reg)] = a.reshape(a.shape[0], *block)
