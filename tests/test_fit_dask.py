@@ -16,11 +16,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
+from fit_checks import assert_same_fit
 
 from pipeline.compute import dask_client
-from pipeline.fit import fit_store, open_fit
+from pipeline.fit import fit_store
 from pipeline.fit.source import StoreRef
 from pipeline.store.ingest import ingest
 
@@ -89,16 +89,6 @@ def default_fit(store, tmp_path_factory):
     """The reference: the default LocalCluster."""
     return fit_store(store, tmp_path_factory.mktemp("ref") / "ref.fit", progress=False,
                      block_bytes=64 << 10)
-
-
-def assert_same_fit(a_dir: Path, b_dir: Path) -> None:
-    a, b = open_fit(a_dir), open_fit(b_dir)
-    assert a.tensor_names == b.tensor_names and a.steps == b.steps
-    for name in a.tensor_names:
-        for var in ("slope", "intercept", "r2", "null_r2"):
-            np.testing.assert_array_equal(a[name][var].values, b[name][var].values)
-    for sel in ("moving", "paper"):
-        assert a.histograms(sel).equals(b.histograms(sel))
 
 
 def test_external_cluster_gives_identical_results(cluster, store, default_fit, tmp_path):

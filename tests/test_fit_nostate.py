@@ -10,13 +10,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
+from fit_checks import assert_same_fit
 from typer.testing import CliRunner
 
 from pipeline.checkpoints.discover import discover_checkpoints
 from pipeline.compute import dask_client
-from pipeline.fit import fit_store, open_fit
+from pipeline.fit import fit_store
 from pipeline.fit.results import ELEMENTS, read_meta
 from pipeline.store.ingest import ingest
 
@@ -43,18 +43,6 @@ def _bytes(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
-def _assert_same(a_dir: Path, b_dir: Path) -> None:
-    a, b = open_fit(a_dir), open_fit(b_dir)
-    assert a.steps == b.steps and a.tensor_names == b.tensor_names
-    for name in a.tensor_names:
-        for var in ("slope", "intercept", "r2", "null_r2"):
-            np.testing.assert_array_equal(a[name][var].values, b[name][var].values)
-    for sel in ("moving", "paper"):
-        assert a.histograms(sel).equals(b.histograms(sel))
-    for csv in sorted(p.name for p in a_dir.glob("summary_*.csv")):
-        assert (a_dir / csv).read_text() == (b_dir / csv).read_text()
-
-
 def test_no_state_same_results_smaller_folder(store, default_fit, client) -> None:
     out = store.parent / "nostate.fit"
     rep = fit_store(store, out, client=client, progress=False, keep_state=False)
@@ -62,7 +50,7 @@ def test_no_state_same_results_smaller_folder(store, default_fit, client) -> Non
     assert read_meta(out)["state"] is False and read_meta(default_fit.fit_dir)["state"] is True
     assert not (out / ELEMENTS / "state").exists()
     assert (default_fit.fit_dir / ELEMENTS / "state").exists()
-    _assert_same(out, default_fit.fit_dir)
+    assert_same_fit(out, default_fit.fit_dir, csv=True)
     for sel in ("moving", "paper"):
         assert rep.histograms[sel].equals(default_fit.histograms[sel])
     small, big = _bytes(out), _bytes(default_fit.fit_dir)
@@ -75,11 +63,11 @@ def test_no_state_same_results_smaller_folder(store, default_fit, client) -> Non
     withstate = fit_store(store, out, client=client, progress=False)
     assert not withstate.incremental and withstate.new_steps == withstate.steps
     assert read_meta(out)["state"] is True and (out / ELEMENTS / "state").exists()
-    _assert_same(out, default_fit.fit_dir)
+    assert_same_fit(out, default_fit.fit_dir, csv=True)
     # and --no-state on a fit with state drops it (a fresh fit, no stale state left)
     dropped = fit_store(store, out, client=client, progress=False, keep_state=False)
     assert not dropped.incremental and not (out / ELEMENTS / "state").exists()
-    _assert_same(out, default_fit.fit_dir)
+    assert_same_fit(out, default_fit.fit_dir, csv=True)
 
 
 @pytest.mark.parametrize("refit_state", [False, True], ids=["no-state", "default"])
@@ -99,7 +87,7 @@ def test_append_after_no_state_fits_afresh(tiny_run_bf16, copy_run, tmp_path, cl
     upd = fit_store(s, client=client, progress=False, keep_state=refit_state)
     assert not upd.incremental and upd.new_steps == upd.steps == default_fit.steps
     assert read_meta(upd.fit_dir)["state"] is refit_state
-    _assert_same(upd.fit_dir, default_fit.fit_dir)
+    assert_same_fit(upd.fit_dir, default_fit.fit_dir, csv=True)
     for sel in ("moving", "paper"):
         assert upd.histograms[sel].equals(default_fit.histograms[sel])
 
@@ -113,4 +101,4 @@ def test_cli_no_state(store, default_fit, tmp_path) -> None:
     assert res.exit_code == 0, res.output
     assert "fitted from scratch" in res.output
     assert read_meta(out)["state"] is False and not (out / ELEMENTS / "state").exists()
-    _assert_same(out, default_fit.fit_dir)
+    assert_same_fit(out, default_fit.fit_dir, csv=True)
