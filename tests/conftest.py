@@ -4,6 +4,12 @@ Generating a run takes tens of seconds, so each variant is made once per
 machine under ``.cache/tiny-runs/<hash of its config>`` and reused by every
 test session. Tests must treat these folders as read-only: copy first
 (``copy_run``) before damaging or appending to one.
+
+Two kinds of run: the *layout* runs (short, fast; 0..100 every 10 and
+0..40) for tests that only need real checkpoints, and the *linear* run (the
+README's embedded default) for every test that asserts the science. All are
+drawn from ``RLVR_LIN_TEST_SEED`` (default 0): another seed, like another
+CPU, gives another trajectory, and the suite must pass on each.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -42,12 +48,20 @@ def cached_run(cfg: TinyRunConfig) -> Path:
     return path
 
 
-# The default run of the README (bf16, 11 checkpoints, 0..100 every 10).
-BF16 = TinyRunConfig()
-# Shorter variants for layouts: fp32 single file, bf16 sharded, tied llama.
-FP32 = TinyRunConfig(dtype="float32", rl_steps=40)
-SHARDED = TinyRunConfig(dtype="bfloat16", max_shard_size="150KB", rl_steps=40)
-TIED_LLAMA = TinyRunConfig(arch="llama", tie=True, dtype="bfloat16", rl_steps=40)
+SEED = int(os.environ.get("RLVR_LIN_TEST_SEED", "0"))
+# The README's embedded default: the linear regime, for tests of the science.
+LINEAR = TinyRunConfig(seed=SEED)
+# Layout runs (bf16, 11 checkpoints, 0..100 every 10): real checkpoints, quickly.
+BF16 = TinyRunConfig(seed=SEED, lr=5e-5, rl_steps=100, save_every=10, prompts_per_step=16)
+# Shorter variants: fp32 single file, bf16 sharded (same training as BF16), tied llama.
+FP32 = replace(BF16, dtype="float32", rl_steps=40)
+SHARDED = replace(BF16, max_shard_size="150KB", rl_steps=40)
+TIED_LLAMA = replace(BF16, arch="llama", tie=True, rl_steps=40)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_linear() -> Path:
+    return cached_run(LINEAR)
 
 
 @pytest.fixture(scope="session")

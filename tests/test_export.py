@@ -123,13 +123,14 @@ def test_lstsq_at_last_stored_step_reproduces_the_fit_line(tiny_run_bf16, tmp_pa
     name = "model.layers.1.mlp.down_proj.weight"
     y = np.stack([as_f32(c[name]).astype(np.float64).ravel() for c in ckpts])
     slope, intercept = np.polyfit(steps, y, 1)
-    want = (intercept + slope * 100).astype(np.float32).astype(BF16)
-    have = got[name].float().numpy().ravel().astype(BF16)
-    ulps = np.abs(have.view(np.int16).astype(np.int32) - want.view(np.int16).astype(np.int32))
-    assert ulps.max() <= 1  # float64 sums in a different order may flip an exact tie
-    assert (ulps == 0).mean() > 0.999
+    want = intercept + slope * 100  # float64 reference
+    have = got[name].float().numpy().ravel().astype(np.float64)
+    # one bf16 rounding (2^-9 relative) plus float64 summation-order noise, which is
+    # absolute: where the line cancels to ~0 no relative (or ULP) bound holds
+    scale = np.abs(y).max()
+    np.testing.assert_allclose(have, want, rtol=2.0**-8, atol=1e-9 * scale)
     # and the line is not just the last checkpoint
-    assert not np.array_equal(have, as_f32(ckpts[-1][name]).ravel().astype(BF16))
+    assert not np.array_equal(have, as_f32(ckpts[-1][name]).ravel().astype(np.float64))
 
 
 def test_gated_takes_the_line_or_the_last_checkpoint(tiny_run_bf16, tmp_path):

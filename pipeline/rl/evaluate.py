@@ -13,10 +13,17 @@ def greedy_accuracy(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     problems: list[Problem],
-    max_new_tokens: int = 4,
+    max_new_tokens: int | None = None,
     batch_size: int = 256,
 ) -> float:
-    """Fraction of problems whose greedy completion is exactly the answer."""
+    """Fraction of problems whose greedy completion is exactly the answer.
+
+    By default the model may write one token more than the longest answer
+    (one character each, then end of sequence): enough to be right, never
+    enough to be right by luck after a wrong start.
+    """
+    if max_new_tokens is None:
+        max_new_tokens = max((len(p.answer) for p in problems), default=0) + 1
     model.eval()
     correct = 0
     for i in range(0, len(problems), batch_size):

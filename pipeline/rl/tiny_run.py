@@ -28,12 +28,12 @@ import torch
 from pipeline.errors import PipelineError
 from pipeline.rl.char_tokenizer import build_char_tokenizer
 from pipeline.rl.evaluate import greedy_accuracy
-from pipeline.rl.tasks import Problem, addition_problems, exact_match_reward
+from pipeline.rl.tasks import Problem, exact_match_reward, task_problems
 from pipeline.rl.tiny_model import Arch, ModelSize, build_model
 
 SaveDtype = Literal["float32", "bfloat16"]
 # Bump when the generator's output changes for the same config (invalidates caches).
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 METRICS_FILE = "metrics.json"
 RUN_CONFIG_FILE = "run_config.json"
 
@@ -57,6 +57,8 @@ class TinyRunConfig:
     prompts_per_step: int = 16
     generations: int = 8
     n_heldout: int = 256
+    task: str = "add2"  # a name in pipeline.rl.tasks.TASKS
+    adam_beta1: float = 0.9
 
 
 def _seed_everything(seed: int) -> None:
@@ -137,7 +139,8 @@ def make_tiny_run(
     torch.use_deterministic_algorithms(True, warn_only=True)
     _seed_everything(cfg.seed)
     tokenizer = build_char_tokenizer()
-    train, heldout = addition_problems(cfg.seed, cfg.n_heldout)
+    train, heldout = task_problems(cfg.task, cfg.seed, cfg.n_heldout)
+    answer_tokens = max(len(p.answer) for p in train + heldout) + 1  # + end of sequence
     model = build_model(cfg.arch, cfg.size, tokenizer, cfg.tie, cfg.seed)
     _warm_start(model, tokenizer, train, cfg, progress)
 
@@ -168,8 +171,13 @@ def make_tiny_run(
         output_dir=str(out / ".trainer"),
         per_device_train_batch_size=cfg.prompts_per_step * cfg.generations,
         num_generations=cfg.generations,
-        max_completion_length=4,
+        max_completion_length=answer_tokens,
         learning_rate=cfg.lr,
+        adam_beta1=cfg.adam_beta1,
+        # fp32 on the CPU: bf16 autocast is ~4x slower there and adds rounding noise
+        # to every update; checkpoints are still saved in cfg.dtype
+        bf16=False,
+        gradient_checkpointing=False,
         lr_scheduler_type="constant",
         beta=0.0,
         max_steps=cfg.rl_steps,
