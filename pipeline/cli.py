@@ -8,14 +8,16 @@ and exit code 2; nothing here holds logic worth testing on its own.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, check_int, check_number, check_output
 
 app = typer.Typer(
     add_completion=False,
@@ -27,18 +29,116 @@ app = typer.Typer(
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+DEBUG_ENV = "RLVR_LIN_DEBUG"  # set to 1: internal errors also print their traceback
+
+
+def _os_error(e: BaseException) -> OSError | None:
+    """The OSError behind ``e`` (itself, or what it was raised from), if any.
+
+    Libraries (zarr, Dask) sometimes re-raise a failed write as their own
+    exception; the disk's own error is what the user needs to read.
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError):
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def os_error_line(e: OSError, output: Path | None = None) -> str:
+    """``<file>: no space left on device``: the file and the system's reason.
+
+    The file is the one the error names, else the command's output (a write
+    deep inside zarr or a Dask task often loses the file name on the way).
+    """
+    reason = e.strerror or str(e) or type(e).__name__
+    reason = reason[:1].lower() + reason[1:]
+    name = e.filename if e.filename is not None else output
+    text = f"{os.fsdecode(name)}: {reason}" if name is not None else reason
+    return " ".join(text.split())
+
+
+def _internal_error(e: BaseException) -> None:
+    """One line that says it is a bug; the traceback only when $RLVR_LIN_DEBUG is set."""
+    import traceback
+
+    msg = " ".join(f"{type(e).__name__}: {e}".split())
+    typer.echo(f"error: internal error (a bug in rlvr-lin, please report it): {msg}", err=True)
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        typer.echo("internal error to report; its traceback:", err=True)
+        typer.echo("".join(traceback.format_exception(e)).rstrip(), err=True)
+    else:
+        typer.echo(f"(run again with {DEBUG_ENV}=1 to see the traceback)", err=True)
+
+
 def user_errors(fn: F) -> F:
-    """Report ``PipelineError`` as one line and exit 2 instead of a traceback."""
+    """Every failure as one ``error:`` line: exit 2 for bad input or a failing disk.
+
+    ``PipelineError`` is bad input; an ``OSError`` (a full disk, a read-only
+    or forbidden output) is the environment, named by its file. Anything else
+    is a bug: one line saying so, exit 1, the traceback only on request.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import click
+
+        _OUTPUT.set(None)
         try:
             return fn(*args, **kwargs)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
         except PipelineError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
+        except MemoryError:
+            typer.echo("error: out of memory (try a smaller block size or fewer workers)",
+                       err=True)
+            raise typer.Exit(2) from None
+        except Exception as e:
+            os_err = _os_error(e)
+            if os_err is not None:
+                typer.echo(f"error: {os_error_line(os_err, _OUTPUT.get())}", err=True)
+                raise typer.Exit(2) from None
+            _internal_error(e)
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+WORKER_PRELOAD = "pipeline.errors"  # drops workers' duplicate "Compute Failed" tracebacks
+
+
+def quiet_dask_workers() -> None:
+    """Have local Dask workers leave error reporting to the client (one ``error:`` line).
+
+    Set before a cluster starts, so its worker processes get it with the rest
+    of the Dask configuration; with $RLVR_LIN_DEBUG set, workers log as usual.
+    """
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        return
+    import dask
+
+    preload = list(dask.config.get("distributed.worker.preload", None) or [])
+    if WORKER_PRELOAD not in preload:
+        dask.config.set({"distributed.worker.preload": [*preload, WORKER_PRELOAD]})
+
+
+_OUTPUT: ContextVar[Path | None] = ContextVar("rlvr_lin_output", default=None)
+
+
+def writing(path: str | Path | None) -> None:
+    """Record what the command writes: an OSError without a file name is reported on it."""
+    _OUTPUT.set(Path(path) if path is not None else None)
+
+
+def number(value: float | None, what: str, low: float | None = None,
+           low_open: bool = False) -> float | None:
+    """A float option, refused when NaN, infinite or below ``low`` (None passes through)."""
+    return None if value is None else check_number(value, what, low, low_open=low_open)
 
 
 Scheduler = Annotated[
@@ -80,6 +180,13 @@ def make_tiny_run_cmd(
         raise PipelineError(f"unknown --arch {arch!r} (expected qwen2 or llama)")
     if dtype not in ("float32", "bfloat16"):
         raise PipelineError(f"unknown --dtype {dtype!r} (expected float32 or bfloat16)")
+    number(lr, "--lr", 0.0, low_open=True)
+    for what, v, low in (("--rl-steps", rl_steps, 0), ("--save-every", save_every, 1),
+                         ("--sft-steps", sft_steps, 0), ("--hidden-size", hidden_size, 1),
+                         ("--layers", layers, 1), ("--intermediate-size", intermediate_size, 1),
+                         ("--heads", heads, 1), ("--kv-heads", kv_heads, 1)):
+        check_int(v, what, low)
+    writing(out)
     size = ModelSize(hidden_size, layers, intermediate_size, heads, kv_heads)
     cfg = TinyRunConfig(seed=seed, arch=arch, dtype=dtype, tie=tie,  # type: ignore[arg-type]
                         max_shard_size=max_shard_size, size=size, rl_steps=rl_steps,
@@ -100,6 +207,7 @@ def demo_cmd(
     """Run the whole pipeline end to end on a catalog run (the README's main command)."""
     from pipeline.demo import run_demo
 
+    quiet_dask_workers()
     run_demo(name, catalog, scheduler)
 
 
@@ -140,6 +248,9 @@ def ingest_cmd(
     from pipeline.catalog import is_catalog_name, lookup
     from pipeline.store.ingest import ingest
 
+    number(poll, "--poll", 0.0, low_open=True)
+    number(settle, "--settle", 0.0)
+    number(max_idle, "--max-idle", 0.0)
     run_dir, pattern, fit_out = Path(run), step_pattern, None
     if is_catalog_name(run):
         entry = lookup(run, catalog)
@@ -147,6 +258,8 @@ def ingest_cmd(
         pattern, fit_out = pattern or entry.step_pattern, entry.outputs / "fit"
     if store is None:
         raise PipelineError("--store is required when RUN is a path", run_dir)
+    writing(store)
+    quiet_dask_workers()
     after_commit = None
     if fit:
         from pipeline.fit.job import fit_store
@@ -177,6 +290,14 @@ def _store_and_outputs(target: str, catalog: Path | None) -> tuple[Path, Path | 
         entry = lookup(target, catalog)
         return entry.store, entry.outputs
     return Path(target), None
+
+
+def block_size(block_mb: float) -> int:
+    """``--block-mb`` in bytes: a finite number of at least one byte."""
+    mb = check_number(block_mb, "--block-mb", 0.0, low_open=True)
+    if mb * (1 << 20) < 1:
+        raise PipelineError(f"--block-mb must be at least one byte, got {block_mb!r}")
+    return int(mb * (1 << 20))
 
 
 @app.command("fit")
@@ -213,12 +334,16 @@ def fit_cmd(
     """Fit slope, intercept and R² of every weight element against step (incremental)."""
     from pipeline.fit.histograms import print_headline
     from pipeline.fit.job import fit_store
+    from pipeline.fit.results import fit_dir_for
 
+    block_bytes = block_size(block_mb)
     store_path, outputs = _store_and_outputs(store, catalog)
     if out is None and outputs is not None:
         out = outputs / "fit"
+    writing(out or fit_dir_for(store_path))
+    quiet_dask_workers()
     rep = fit_store(store_path, out, start=from_step, stop=to_step, scheduler=scheduler,
-                    n_bins=bins, block_bytes=int(block_mb * (1 << 20)), full=full,
+                    n_bins=bins, block_bytes=block_bytes, full=full,
                     progress=progress, keep_state=state)
     print_headline(rep.histograms["paper" if paper_filters else "moving"])
     how = ("up to date" if not rep.new_steps else
@@ -244,12 +369,16 @@ def report_cmd(
     catalog: CatalogOpt = None,
 ) -> None:
     """Write a self-contained HTML report (histograms, null, heatmap, trajectories, backtest)."""
-    from pipeline.fit.results import fit_dir_for
-    from pipeline.report.html import write_report
+    from pipeline.fit.results import FitResult, fit_dir_for
+    from pipeline.report.html import check_report_out, write_report
 
+    check_int(samples, "--samples", 0)
     store_path, outputs = _store_and_outputs(store, catalog)
     fit_dir = fit or (outputs / "fit" if outputs is not None else fit_dir_for(store_path))
     out = out or fit_dir / "report"
+    writing(out)
+    FitResult(fit_dir)  # no fit, no report: fail before the backtest writes anything
+    check_report_out(store_path, fit_dir, out)
     extra = []
     if backtest:
         from pipeline.extrapolate.backtest import backtest_to_folder
@@ -276,8 +405,9 @@ def extrapolate_cmd(
     ] = None,
     steps: Annotated[
         tuple[int, int] | None,
-        typer.Option(help="two-point: the two steps T0 T1; lstsq/gated: the stored steps in "
-                     "[T0, T1] (default: first and last / all)"),
+        typer.Option(help="two-point: the two stored steps T0 T1; lstsq/gated: a range, "
+                     "every stored step with T0 <= step <= T1 (T0 and T1 need not be stored; "
+                     "default: first and last / all)"),
     ] = None,
     window: Annotated[
         int | None, typer.Option(help="lstsq/gated: use only the last N stored steps")
@@ -315,20 +445,20 @@ def extrapolate_cmd(
 ) -> None:
     """Extrapolate weights to a future step and export a model transformers loads as-is."""
     from pipeline.extrapolate.export import export, make_spec
-    from pipeline.extrapolate.plan import DEFAULT_EXCLUDE
-    from pipeline.extrapolate.sources import open_source
+    from pipeline.extrapolate.plan import DEFAULT_EXCLUDE, check_method, steps_in_range
+    from pipeline.extrapolate.sources import check_export_out, open_source
 
     if out is None:
         raise PipelineError("--out DIR is required")
+    writing(out)
+    src = open_source(source, from_checkpoints, source_steps, catalog)
+    check_export_out(src, out)  # before "exists": --force must not be suggested for an input
     if out.exists() and not force:
         raise PipelineError("output exists (pass --force to overwrite)", out)
-    src = open_source(source, from_checkpoints, source_steps, catalog)
+    m = check_method(method)
     chosen: list[int] | None = None
     if steps is not None:
-        chosen = list(steps)
-        if method != "two-point":
-            missing = [s for s in steps if s not in src.steps]
-            chosen = missing or [s for s in src.steps if steps[0] <= s <= steps[1]]
+        chosen = list(steps) if m == "two-point" else steps_in_range(src.steps, *steps, m)
     spec = make_spec(src, method, to=to, alpha=alpha, steps=chosen, window=window,
                      r2_min=r2_min, include=include or ("*",),
                      exclude=DEFAULT_EXCLUDE if exclude is None else [e for e in exclude if e],
@@ -385,6 +515,7 @@ def backtest_cmd(
     if out is None:
         out = (lookup(source, catalog).outputs / "backtest" if is_catalog_name(source)
                else Path("backtest"))
+    writing(out)
     cases = plan_cases(src.steps, cutoff, holdout, r2_min or (0.5, 0.8), window)
     res, csv_path, png_path = backtest_to_folder(src, out, cases, progress=progress)
     print_backtest(res, per_tensor)
@@ -418,6 +549,12 @@ def alpha_sweep_cmd(
 
     run_dir = lookup(run, catalog).checkpoints if is_catalog_name(run) else Path(run)
     methods = [check_method(m) for m in (method or ["two-point"])]
+    if csv_out is not None:
+        from pipeline.extrapolate.sources import CheckpointSource
+
+        writing(csv_out)
+        check_output(csv_out, CheckpointSource.from_run_dir(run_dir).input_paths(),
+                     option="--csv")
     rows = alpha_sweep(run_dir, t0, t1, alpha, methods, r2_min)
     print_table(
         f"Alpha sweep on {run_dir} (greedy held-out accuracy)",

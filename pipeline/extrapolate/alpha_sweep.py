@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, check_number
 from pipeline.extrapolate.export import export, make_spec
 from pipeline.extrapolate.sources import CheckpointSource
 
@@ -74,6 +74,11 @@ def alpha_sweep(
     lstsq/gated use every checkpoint from t0 to t1 and the same target step.
     """
     run_dir = Path(run_dir)
+    r2_min = check_number(r2_min, "--r2-min", 0.0, 1.0)
+    if alphas is not None:
+        alphas = [check_number(a, "--alpha") for a in alphas]
+        if not alphas:
+            raise PipelineError("no --alpha given")
     problems = heldout_problems(run_dir)
     src = CheckpointSource.from_run_dir(run_dir)
     steps = src.steps

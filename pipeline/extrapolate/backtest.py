@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, check_int, check_number, check_output
 from pipeline.extrapolate import kernels as K
 from pipeline.extrapolate.export import row_blocks
 from pipeline.extrapolate.plan import DEFAULT_EXCLUDE, TensorPlan, plan_tensors
@@ -79,6 +79,11 @@ def plan_cases(
     for the same target.
     """
     steps = sorted(steps)
+    r2_mins = [check_number(r, "--r2-min", 0.0, 1.0) for r in r2_mins]
+    if window is not None:
+        check_int(window, "--window", 2)
+    if holdout is not None:
+        check_int(holdout, "--holdout", 1)
     if len(steps) < 3:
         raise PipelineError(f"a backtest needs at least 3 steps, the source has {steps}")
     if cutoffs is None:
@@ -91,7 +96,7 @@ def plan_cases(
         if c not in steps:
             raise PipelineError(f"cutoff step {c} not in the source (has {steps})")
         known = [s for s in steps if s <= c]
-        if window:
+        if window is not None:
             known = known[-window:]
         later = [s for s in steps if s > c]
         if len(known) < 2 or not later:
@@ -171,6 +176,7 @@ def run_backtest(
     Each block is read once per step and every case is scored from it; the
     least-squares fit of a known window is shared by all targets and gates.
     """
+    check_int(block_bytes, "block size", 1)
     needed = sorted({s for c in cases for s in (*c.used, c.target)})
     missing = [s for s in needed if s not in source.steps]
     if missing:
@@ -259,13 +265,27 @@ def plot_errors(result: BacktestResult, path: str | Path) -> Path:
     return path
 
 
+BACKTEST_FILES = ("backtest.csv", "backtest.png")
+
+
+def check_backtest_out(source: WeightSource, out: str | Path) -> None:
+    """Refuse a backtest folder inside the store or checkpoints it reads."""
+    paths = source.input_paths() if hasattr(source, "input_paths") else []
+    check_output(out, paths, writes=BACKTEST_FILES)
+
+
 def backtest_to_folder(source: WeightSource, out: str | Path, cases: list[Case] | None = None,
                        progress: bool = True) -> tuple[BacktestResult, Path, Path]:
-    """Run the backtest (default cases: hold out the later half) and write CSV + PNG."""
+    """Run the backtest (default cases: hold out the later half) and write CSV + PNG.
+
+    ``out`` is checked first: it may not be, or sit inside, anything the source reads.
+    """
     out = Path(out)
+    check_backtest_out(source, out)
     res = run_backtest(source, cases if cases is not None else plan_cases(source.steps),
                        progress=progress)
-    return res, write_csv(res, out / "backtest.csv"), plot_errors(res, out / "backtest.png")
+    csv_name, png_name = BACKTEST_FILES
+    return res, write_csv(res, out / csv_name), plot_errors(res, out / png_name)
 
 
 def print_backtest(result: BacktestResult, per_tensor: bool = False) -> None:

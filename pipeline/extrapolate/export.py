@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.checkpoints.format import logical_dtype, pread_exact
-from pipeline.checkpoints.writer import ShardedWriter, TensorSpec
-from pipeline.errors import PipelineError
+from pipeline.checkpoints.writer import ShardedWriter, TensorSpec, parse_size
+from pipeline.errors import PipelineError, check_int, check_number
 from pipeline.extrapolate import kernels as K
 from pipeline.extrapolate.plan import (
     DEFAULT_EXCLUDE,
@@ -35,7 +35,7 @@ from pipeline.extrapolate.plan import (
     plan_tensors,
     resolve_alpha,
 )
-from pipeline.extrapolate.sources import CheckpointSource, WeightSource
+from pipeline.extrapolate.sources import CheckpointSource, WeightSource, check_export_out
 from pipeline.workspace import Workspace
 
 DEFAULT_BLOCK_BYTES = 16 * 2**20  # working memory of the blocks in flight (all operands)
@@ -75,23 +75,28 @@ def make_spec(
 ) -> ExtrapolationSpec:
     """Validate the user's choices against the source; raises before any data is read."""
     m = check_method(method)
+    to = None if to is None else check_number(to, "--to")
+    alpha = None if alpha is None else check_number(alpha, "--alpha")
+    r2_min = None if r2_min is None else check_number(r2_min, "--r2-min", 0.0, 1.0)
+    if window is not None:
+        check_int(window, "--window", 2)
+        if m == "two-point":
+            raise PipelineError("--window only applies to --method lstsq or gated")
+    if r2_min is not None and m != "gated":
+        raise PipelineError("--r2-min only applies to --method gated")
     used = choose_steps(source.steps, steps, m, window)
     if m == "two-point":
         a, target = resolve_alpha(used[0], used[1], to, alpha, allow_interpolation)
         return ExtrapolationSpec(m, tuple(used), target, alpha=a,
                                  include=tuple(include), exclude=tuple(exclude))
-    if alpha is not None and to is None:
-        to = used[0] + alpha * (used[-1] - used[0])  # same meaning as for two-point
-    if to is None or alpha is not None:
+    if (to is None) == (alpha is None):
         raise PipelineError(f"{m} needs exactly one of --to STEP or --alpha")
+    if to is None:
+        assert alpha is not None
+        to = used[0] + alpha * (used[-1] - used[0])  # same meaning as for two-point
     check_target(to, used[-1], allow_interpolation)
-    if m == "gated":
-        if r2_min is None:
-            raise PipelineError("--method gated needs --r2-min TAU")
-        if not 0.0 <= r2_min <= 1.0:
-            raise PipelineError(f"--r2-min must be in [0, 1], got {r2_min}")
-    elif r2_min is not None:
-        raise PipelineError("--r2-min only applies to --method gated")
+    if m == "gated" and r2_min is None:
+        raise PipelineError("--method gated needs --r2-min TAU")
     return ExtrapolationSpec(m, tuple(used), float(to), r2_min=r2_min,
                              include=tuple(include), exclude=tuple(exclude))
 
@@ -334,11 +339,12 @@ def export(
     """
     t_start = time.perf_counter()
     out = Path(out)
+    check_export_out(source, out)
     if out.exists() and not force:
         raise PipelineError("output exists (pass --force to overwrite)", out)
-    out_dtype = logical_dtype(dtype) if dtype else None
-    if out_dtype is not None and not K.is_float(out_dtype):
-        raise PipelineError(f"--dtype must be a floating type, got {dtype}")
+    out_dtype = output_dtype(dtype)
+    check_shard_size(max_shard_size)
+    check_int(block_bytes, "block size", 1)
     plans = build_plan(source, spec, out_dtype)
     folder = source.files_folder
     if folder is None or not (folder / "config.json").exists():
@@ -347,7 +353,8 @@ def export(
     all_names = set(source.tensor_names)
     specs = [TensorSpec(p.name, p.shape, p.out_dtype) for p in plans]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    remove_stale_partials(out)
+    tmp = out.parent / f"{_partial_prefix(out)}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     bar = _progress(sum(s.nbytes for s in specs), progress)
     try:
@@ -365,13 +372,88 @@ def export(
             {**asdict(spec), "source": str(folder.parent), "moved": result.moved,
              "copied": result.copied, "dropped": result.dropped}, indent=1) + "\n")
         _publish(tmp, out, force)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and _inside(e.filename, tmp):
+            # the hidden partial folder is gone: the user's output is what failed
+            raise OSError(e.errno, e.strerror, str(out)) from e
         raise
     finally:
         bar(None)
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+def output_dtype(dtype: str | None) -> np.dtype | None:
+    """The ``--dtype`` asked for (None: keep the source's); only floating types make sense."""
+    if not dtype:
+        return None
+    try:
+        out = logical_dtype(dtype)
+    except (TypeError, ValueError):
+        out = None
+    if out is None or not K.is_float(out):
+        raise PipelineError(f"--dtype must be a floating type such as float32 or bfloat16, "
+                            f"got {dtype!r}")
+    return out
+
+
+def check_shard_size(size: str | int | None) -> None:
+    """Parse ``--max-shard-size`` now, so a bad one fails before anything is written."""
+    if size is None:
+        return
+    try:
+        parse_size(size)
+    except (OverflowError, ValueError):  # e.g. 1e400GB: the float is inf
+        raise PipelineError(f"--max-shard-size is not a usable size: {str(size)[:40]!r}"
+                            ) from None
+
+
+def _inside(filename: object, folder: Path) -> bool:
+    """True for no file name (a write in a worker thread) or one inside ``folder``."""
+    if filename is None:
+        return True
+    try:
+        return Path(os.fsdecode(filename)).is_relative_to(folder)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
+def _partial_prefix(out: Path) -> str:
+    return f".{out.name}.partial-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process (or not a pid we can ask about): keep it
+    return True
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """Delete ``.NAME.partial-PID`` folders beside ``out`` left by exports that were killed.
+
+    Only folders with exactly this name pattern, for this ``out``, whose PID is
+    no longer running on this machine; anything else (another export still
+    writing, a file, a different name) is left alone.
+    """
+    prefix = _partial_prefix(out)
+    removed = []
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        tail = p.name[len(prefix):] if p.name.startswith(prefix) else ""
+        if not (tail.isdigit() and tail.isascii()) or int(tail) == os.getpid():
+            continue
+        if p.is_dir() and not p.is_symlink() and not _pid_alive(int(tail)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 def _copy_aux(src: Path, dst: Path, out_dtype: np.dtype | None) -> None:

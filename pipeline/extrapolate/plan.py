@@ -17,7 +17,7 @@ from typing import Literal
 
 import numpy as np
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, check_int, check_number
 from pipeline.extrapolate.kernels import is_float
 
 Method = Literal["two-point", "lstsq", "gated"]
@@ -122,19 +122,36 @@ def resolve_alpha(
         raise PipelineError("give exactly one of --to STEP or --alpha A")
     if alpha is None:
         assert to is not None
-        alpha = (to - t0) / (t1 - t0)
+        alpha = check_number(to, "--to") - t0
+        alpha /= t1 - t0
+    alpha = check_number(alpha, "--alpha")
     target = t0 + alpha * (t1 - t0)
     check_target(target, t1, allow_interpolation)
     return float(alpha), float(target)
 
 
 def check_target(target: float, last_step: int, allow_interpolation: bool) -> None:
-    """Refuse a target not beyond the newest step used unless interpolation is allowed."""
+    """Refuse a target not beyond the newest step used unless interpolation is allowed.
+
+    NaN is refused first: ``nan <= last_step`` is False, so it would pass as "beyond".
+    """
+    check_number(target, "target step")
     if target <= last_step and not allow_interpolation:
         raise PipelineError(
             f"target step {target:g} is not beyond the last source step {last_step};"
             " pass --allow-interpolation to predict inside the range"
         )
+
+
+def steps_in_range(available: Sequence[int], lo: int, hi: int, method: str) -> list[int]:
+    """The stored steps in [lo, hi] (``--steps T0 T1`` of lstsq/gated: a range, not a list)."""
+    if lo > hi:
+        raise PipelineError(f"--steps {lo} {hi}: the range must run from low to high")
+    chosen = [s for s in sorted(available) if lo <= s <= hi]
+    if len(chosen) < 2:
+        raise PipelineError(f"--steps {lo} {hi}: {method} needs at least two stored steps in "
+                            f"[{lo}, {hi}], the source has {', '.join(map(str, available))}")
+    return chosen
 
 
 def choose_steps(
@@ -144,9 +161,11 @@ def choose_steps(
     """The source steps a method uses, checked against what the source holds.
 
     two-point: ``wanted`` = (t0, t1), default first and last stored step.
-    lstsq/gated: ``wanted`` = explicit list, else the last ``window`` steps
-    (default all).
+    lstsq/gated: ``wanted`` = explicit list (default all), of which the last
+    ``window`` steps (default all).
     """
+    if window is not None:
+        check_int(window, "--window", 2)
     avail = sorted(available)
     if wanted:
         missing = [s for s in wanted if s not in avail]
@@ -159,7 +178,9 @@ def choose_steps(
     elif method == "two-point":
         steps = [avail[0], avail[-1]] if avail else []
     else:
-        steps = avail[-window:] if window else avail
+        steps = avail
+    if method != "two-point" and window is not None:
+        steps = steps[-window:]
     if method == "two-point" and len(steps) != 2:
         raise PipelineError(f"two-point needs exactly two distinct steps, got {steps}")
     if len(steps) < 2:

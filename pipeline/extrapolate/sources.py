@@ -10,6 +10,7 @@ them to one small interface so the extrapolation code has one code path.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 
 from pipeline.checkpoints import Checkpoint, CheckpointReader, discover_checkpoints
 from pipeline.checkpoints.format import logical_dtype
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, check_output
 
 
 class WeightSource(Protocol):
@@ -45,6 +46,10 @@ class WeightSource(Protocol):
     @property
     def config(self) -> dict[str, Any] | None: ...
 
+    def input_paths(self) -> list[tuple[str, Path]]:
+        """(description, path) of what the source reads: an output must never land there."""
+        ...
+
 
 class CheckpointSource:
     """A set of checkpoint folders with known steps, read lazily by row block."""
@@ -57,6 +62,7 @@ class CheckpointSource:
             raise PipelineError(f"duplicate source steps {steps}")
         self._ckpts = {c.step: c.path for c in sorted(checkpoints)}
         self._readers: dict[int, CheckpointReader] = {}
+        self.run_dir: Path | None = None  # set when the folders were discovered in a run
 
     @classmethod
     def from_run_dir(cls, run_dir: str | Path, step_pattern: str | None = None
@@ -65,7 +71,9 @@ class CheckpointSource:
         if not found:
             raise PipelineError("no checkpoint folders (global_step_N, checkpoint-N) found",
                                 run_dir)
-        return cls(found)
+        src = cls(found)
+        src.run_dir = Path(run_dir)
+        return src
 
     @classmethod
     def from_folders(cls, folders: Sequence[str | Path], steps: Sequence[int] | None
@@ -116,6 +124,14 @@ class CheckpointSource:
     @cached_property
     def config(self) -> dict[str, Any] | None:
         return self.reader(self.steps[-1]).config
+
+    def input_paths(self) -> list[tuple[str, Path]]:
+        """The run folder (when discovered in one) and every checkpoint folder."""
+        out = [("the run folder", self.run_dir)] if self.run_dir is not None else []
+        return out + [(f"the checkpoint folder of step {s}", p) for s, p in self._ckpts.items()]
+
+    def folders(self) -> list[Path]:
+        return list(self._ckpts.values())
 
 
 def _step_from_name(path: Path) -> int:
@@ -184,6 +200,15 @@ class StoreSource:
             return json.loads((folder / "config.json").read_text())
         return self.run.config
 
+    def input_paths(self) -> list[tuple[str, Path]]:
+        """The store, the run folder it was ingested from (and the catalog's), each step's."""
+        from pipeline.fit.source import store_inputs
+
+        source = self.run.attrs.get("source") or {}
+        runs = [b for b in (source.get("run_dir"), self._checkpoints_dir) if b]
+        return [*store_inputs(self.path, self.run),
+                *(("the run folder the store was ingested from", Path(b)) for b in runs)]
+
 
 def open_source(
     source: str | Path | None = None,
@@ -216,6 +241,29 @@ def open_source(
     if _is_zarr(path):
         return StoreSource(path)
     return CheckpointSource.from_run_dir(path)
+
+
+def check_export_out(source: WeightSource, out: str | Path) -> None:
+    """Refuse an export folder on top of the source, or posing as one of its checkpoints.
+
+    The export replaces ``out`` as a whole (``--force``), so it may not be,
+    contain or sit inside anything the source reads. A folder named like a
+    checkpoint beside the source's checkpoints would be ingested later as a
+    real training step, so it is refused as well.
+    """
+    import re
+
+    from pipeline.checkpoints.discover import DEFAULT_PATTERNS
+
+    paths = source.input_paths() if hasattr(source, "input_paths") else []
+    check_output(out, paths, replaces=True)
+    target = Path(os.path.realpath(out))
+    for folder in getattr(source, "folders", list)():
+        if (Path(os.path.realpath(folder)).parent == target.parent
+                and any(re.fullmatch(p, target.name) for p in DEFAULT_PATTERNS)):
+            raise PipelineError("output would pose as a checkpoint of the run it is computed "
+                                f"from (beside {folder}); a later ingest would take it for a "
+                                "real training step; choose another --out", out)
 
 
 def _is_zarr(path: Path) -> bool:

@@ -167,6 +167,8 @@ def fit_piece(src: Any, t: TensorPlan, piece: Piece, cfg: FitConfig,
     rows = slice(piece.start, piece.stop) if t.shape else None
     flat0 = piece.start * _row_elems(t.shape) if t.shape else 0
     m = (piece.stop - piece.start) * _row_elems(t.shape) if t.shape else 1
+    if m == 0:  # a zero-element tensor (a 0 in its shape): nothing to read, fit or write
+        return empty_summary(cfg.n_bins)
     dtype = logical_dtype(t.dtype)
     steps = cfg.steps
     batch = max(1, READ_BUDGET_BYTES // max(1, m * dtype.itemsize))
@@ -195,6 +197,12 @@ def fit_piece(src: Any, t: TensorPlan, piece: Piece, cfg: FitConfig,
             b.hist, b.null_hist, b.n_selected, *tot.removed[name], b.r2_sum, b.null_sum,
             b.n_above, b.null_above)
     return out
+
+
+def empty_summary(n_bins: int) -> TensorSummary:
+    """The summary of a piece without elements: zero counts in every selection."""
+    return TensorSummary(selections={name: SelectionSummary.empty(n_bins)
+                                     for name in K.SELECTIONS})
 
 
 def fit_task(ref: SourceRef, tensors: dict[str, TensorPlan], pieces: list[Piece],

@@ -20,7 +20,7 @@ import pandas as pd
 import xarray as xr
 
 from pipeline.fit.kernels import THRESHOLDS, bin_edges, hist_median
-from pipeline.fit.names import NO_LAYER, module_rank, parse_name
+from pipeline.fit.names import NO_LAYER, display_name, module_rank, parse_name
 
 COUNT_VARS = ("n_elements", "n_static", "n_nonfinite", "n_selected", "removed_min_change",
               "removed_distinct", "r2_sum", "null_r2_sum") + tuple(
@@ -53,7 +53,7 @@ def build_dataset(names: list[str], summaries: Mapping[str, Any], selection: str
         data[f"n_above_{t}"] = ("tensor", np.array([s.n_above[i] for s in sel], np.int64))
         data[f"null_above_{t}"] = ("tensor", np.array([s.null_above[i] for s in sel], np.int64))
     coords = {
-        "tensor": np.array(names, dtype=object),
+        "tensor": np.array([display_name(n) for n in names], dtype=object),
         "layer": ("tensor", np.array([i.layer for i in infos], np.int64)),
         "module": ("tensor", np.array([i.module for i in infos], dtype=object)),
         "bin": np.arange(n_bins),

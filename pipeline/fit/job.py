@@ -17,10 +17,12 @@ from typing import Any
 import xarray as xr
 
 from pipeline.checkpoints.format import logical_dtype
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, check_int, check_output
 from pipeline.fit.graph import FitConfig, fit_rows, plan_tasks, run_graph
 from pipeline.fit.histograms import build_dataset, write_outputs
 from pipeline.fit.results import (
+    ELEMENTS,
+    HISTOGRAMS,
     SCHEMA_VERSION,
     SELECTIONS,
     FitResult,
@@ -30,7 +32,7 @@ from pipeline.fit.results import (
     read_meta,
     write_meta,
 )
-from pipeline.fit.source import SourceRef, StoreRef
+from pipeline.fit.source import SourceRef, StoreRef, store_inputs
 
 DEFAULT_BLOCK_BYTES = 4 << 20  # checkpoint bytes per step per task (~50x that in state)
 DEFAULT_BINS = 100
@@ -52,6 +54,25 @@ class FitReport:
 
     def result(self) -> FitResult:
         return FitResult(self.fit_dir)
+
+
+MAX_BINS = 1_000_000
+FIT_PARTS = (ELEMENTS, HISTOGRAMS)  # what a fit creates (or replaces) in its folder
+
+
+def check_options(n_bins: int, block_bytes: int, seed: int, start: int | None,
+                  stop: int | None) -> None:
+    """Every fit argument, checked before the fit folder is touched.
+
+    A bad one used to fail only after a fresh fit had reset the folder, so a
+    good earlier fit then read as incomplete.
+    """
+    check_int(n_bins, "--bins", 1, MAX_BINS)
+    check_int(block_bytes, "block size (--block-mb)", 1)
+    check_int(seed, "seed")
+    for what, v in (("--from", start), ("--to", stop)):
+        if v is not None:
+            check_int(v, what)
 
 
 def _window(steps: list[int], start: int | None, stop: int | None) -> tuple[int, int]:
@@ -119,10 +140,12 @@ def fit_store(
     sufficient statistics); the metadata records it, so the next fit starts afresh.
     """
     t0 = time.perf_counter()
+    check_options(n_bins, block_bytes, seed, start, stop)
     store = Path(store)
     fit_dir = Path(out) if out is not None else fit_dir_for(store)
     ref: SourceRef = source if source is not None else StoreRef(str(store.resolve()))
     src = ref.open()
+    check_output(fit_dir, store_inputs(store, src), writes=FIT_PARTS)
     all_steps = list(src.steps)
     if not all_steps:
         raise PipelineError("the store has no committed steps yet", store)

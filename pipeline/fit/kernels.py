@@ -193,7 +193,10 @@ def init_state(w: np.ndarray, ws: Workspace | None = None) -> FitState:
 
 def sign_key(seed: int, tensor: str, step: int) -> tuple[int, int]:
     """128-bit Philox key for one (seed, tensor, step): stable across processes and runs."""
-    h = hashlib.blake2b(f"{seed}\x00{tensor}\x00{step}".encode(), digest_size=16).digest()
+    # surrogatepass: a name that is not valid UTF-8 (a lone surrogate) still gets a key,
+    # and every valid name keeps the bytes (and so the signs) it always had
+    key = f"{seed}\x00{tensor}\x00{step}".encode("utf-8", "surrogatepass")
+    h = hashlib.blake2b(key, digest_size=16).digest()
     return int.from_bytes(h[:8], "little"), int.from_bytes(h[8:], "little")
 
 
@@ -626,7 +629,7 @@ def finish(state: FitState, xst: XStats, dtype: np.dtype, n_bins: int,
     if xst.n < 2:
         raise ValueError("a fit needs at least 2 steps")
     m = state.size
-    tile = min(m, SUMMARY_TILE)
+    tile = max(1, min(m, SUMMARY_TILE))  # >= 1: a zero-element tensor has no tiles
     fit_bufs = Fit(*(_get(ws, f"fin_{i}", (tile,), np.float64) for i in range(4)),
                    *(_get(ws, f"fin_{i}", (tile,), bool) for i in range(4, 8)))
     tmp = _get(ws, "fin_tmp", (3, tile), np.float64)

@@ -86,3 +86,17 @@ def module_rank(module: str) -> tuple[int, str]:
         return MODULE_ORDER.index(module), module
     except ValueError:
         return len(MODULE_ORDER), module
+
+
+def display_name(name: str) -> str:
+    """``name`` as text any file can hold: a lone surrogate becomes a ``\\udcXX`` escape.
+
+    Histograms (zarr strings), CSVs and tables need valid UTF-8; the fit's own
+    arrays are keyed by the escaped store path and are unaffected. Valid names
+    are returned unchanged.
+    """
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+    return name

@@ -63,3 +63,23 @@ class StoreRef:
         if n_steps is None or len(src.steps) < n_steps:  # cached snapshot may be older
             src.refresh()  # type: ignore[attr-defined]
         return src
+
+
+def store_inputs(store: str | Path, src: object) -> list[tuple[str, Path]]:
+    """What an output of a job reading ``store`` must never overwrite.
+
+    The store itself and the checkpoint folders it was ingested from (the run
+    folder and each step's folder, as recorded in the store): a fit, report
+    or export written into one of them would destroy the data it came from.
+    """
+    out: list[tuple[str, Path]] = [("the store", Path(store))]
+    attrs = getattr(src, "attrs", None) or {}
+    run_dir = (attrs.get("source") or {}).get("run_dir")
+    if not run_dir:
+        return out
+    for rec in getattr(src, "records", None) or []:
+        folder = rec.get("folder")
+        if folder:
+            out.append((f"the checkpoint folder of step {rec.get('step')}",
+                        Path(run_dir) / folder))
+    return out

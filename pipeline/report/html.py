@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, check_output
 from pipeline.fit.histograms import summary_frames
+from pipeline.fit.names import display_name
 from pipeline.fit.results import FitResult
 from pipeline.report import plots
 
@@ -36,7 +37,9 @@ def sample_trajectories(store: str | Path, fit: FitResult, selection_ds, n: int,
     positions = list(steps)  # read_block takes a list of training steps
     ds = selection_ds
     order = np.argsort(-np.asarray(ds.n_selected), kind="stable")
-    names = [str(ds.tensor.values[i]) for i in order if int(ds.n_selected[i]) > 0][:n]
+    raw = {display_name(t): t for t in fit.tensor_names}  # histograms hold display names
+    names = [raw.get(str(ds.tensor.values[i]), str(ds.tensor.values[i]))
+             for i in order if int(ds.n_selected[i]) > 0][:n]
     rng = np.random.default_rng(seed)
     out: list[plots.Trajectory] = []
     quantiles = np.linspace(0.1, 0.9, n)
@@ -60,9 +63,28 @@ def sample_trajectories(store: str | Path, fit: FitResult, selection_ds, n: int,
             (0, *idx[1:]), (1, *shape[1:]))) if shape else 0]
         at = [float(np.asarray(res[v].values).reshape(-1)[flat])
               for v in ("slope", "intercept", "r2", "null_r2")]
-        out.append(plots.Trajectory(name, tuple(int(i) for i in idx), np.asarray(steps, float),
-                                    values, *at))
+        out.append(plots.Trajectory(display_name(name), tuple(int(i) for i in idx),
+                                    np.asarray(steps, float), values, *at))
     return out
+
+
+REPORT_FILES = (PAGE, "backtest.csv", "backtest.png")  # what a report writes into its folder
+
+
+def check_report_out(store: str | Path, fit_dir: str | Path, out: str | Path) -> None:
+    """Refuse a report folder inside the store, the fit's arrays or a checkpoint folder."""
+    from pipeline.fit.results import ELEMENTS, HISTOGRAMS
+    from pipeline.fit.source import store_inputs
+    from pipeline.store.reader import open_run
+
+    fit_dir = Path(fit_dir)
+    try:
+        src = open_run(store)
+    except PipelineError:
+        src = None  # only the trajectories need the store; its path is still protected
+    inputs = [("the fit's arrays", fit_dir / ELEMENTS),
+              ("the fit's histograms", fit_dir / HISTOGRAMS), *store_inputs(store, src)]
+    check_output(out, inputs, writes=REPORT_FILES)
 
 
 def _img(png: bytes, alt: str) -> str:
@@ -82,6 +104,7 @@ def write_report(store: str | Path, fit_dir: str | Path, out: str | Path, *,
     from tqdm.auto import tqdm
 
     fit = FitResult(fit_dir)
+    check_report_out(store, fit_dir, out)
     selection = "paper" if paper_filters else "moving"
     ds = fit.histograms(selection)
     if ds.sizes["tensor"] == 0:
