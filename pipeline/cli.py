@@ -162,35 +162,51 @@ def make_tiny_run_cmd(
         str | None, typer.Option(help="shard the safetensors, e.g. 200KB")
     ] = None,
     tie: Annotated[bool, typer.Option(help="tie input and output embeddings")] = False,
-    rl_steps: Annotated[int, typer.Option(help="GRPO steps")] = 100,
-    save_every: Annotated[int, typer.Option(help="checkpoint every k steps")] = 10,
-    lr: Annotated[float, typer.Option(help="GRPO learning rate (constant)")] = 5e-5,
-    sft_steps: Annotated[int, typer.Option(help="supervised warm-start steps")] = 250,
+    task: Annotated[str | None, typer.Option(help="verifiable task: add2, add3, addsub2")] = None,
+    rl_steps: Annotated[int | None, typer.Option(help="GRPO steps")] = None,
+    save_every: Annotated[int | None, typer.Option(help="checkpoint every k steps")] = None,
+    lr: Annotated[float | None, typer.Option(help="GRPO learning rate (constant)")] = None,
+    prompts_per_step: Annotated[int | None, typer.Option(help="GRPO prompts per step")] = None,
+    generations: Annotated[int | None, typer.Option(help="GRPO answers per prompt")] = None,
+    sft_steps: Annotated[int | None, typer.Option(help="supervised warm-start steps")] = None,
     hidden_size: int = 128,
     layers: int = 2,
     intermediate_size: int = 256,
     heads: int = 4,
     kv_heads: int = 2,
 ) -> None:
-    """Train a real tiny RLVR run (warm start + GRPO) and save HF checkpoints."""
+    """Train a real tiny RLVR run (warm start + GRPO) and save HF checkpoints.
+
+    Options left out take the embedded default run's values (``TinyRunConfig``).
+    """
+    from dataclasses import replace
+
+    from pipeline.rl.tasks import TASKS
     from pipeline.rl.tiny_model import ModelSize
     from pipeline.rl.tiny_run import TinyRunConfig, make_tiny_run
 
+    if task is not None and task not in TASKS:
+        raise PipelineError(f"unknown --task {task!r} (expected one of {', '.join(TASKS)})")
     if arch not in ("qwen2", "llama"):
         raise PipelineError(f"unknown --arch {arch!r} (expected qwen2 or llama)")
     if dtype not in ("float32", "bfloat16"):
         raise PipelineError(f"unknown --dtype {dtype!r} (expected float32 or bfloat16)")
-    number(lr, "--lr", 0.0, low_open=True)
+    if lr is not None:
+        number(lr, "--lr", 0.0, low_open=True)
     for what, v, low in (("--rl-steps", rl_steps, 0), ("--save-every", save_every, 1),
-                         ("--sft-steps", sft_steps, 0), ("--hidden-size", hidden_size, 1),
+                         ("--sft-steps", sft_steps, 0), ("--prompts-per-step", prompts_per_step, 1),
+                         ("--generations", generations, 2), ("--hidden-size", hidden_size, 1),
                          ("--layers", layers, 1), ("--intermediate-size", intermediate_size, 1),
                          ("--heads", heads, 1), ("--kv-heads", kv_heads, 1)):
-        check_int(v, what, low)
+        if v is not None:
+            check_int(v, what, low)
     writing(out)
     size = ModelSize(hidden_size, layers, intermediate_size, heads, kv_heads)
-    cfg = TinyRunConfig(seed=seed, arch=arch, dtype=dtype, tie=tie,  # type: ignore[arg-type]
-                        max_shard_size=max_shard_size, size=size, rl_steps=rl_steps,
-                        save_every=save_every, lr=lr, sft_steps=sft_steps)
+    given = dict(task=task, rl_steps=rl_steps, save_every=save_every, lr=lr,
+                 prompts_per_step=prompts_per_step, generations=generations, sft_steps=sft_steps)
+    cfg = replace(TinyRunConfig(), seed=seed, arch=arch, dtype=dtype, tie=tie,
+                  max_shard_size=max_shard_size, size=size,
+                  **{k: v for k, v in given.items() if v is not None})
     make_tiny_run(out, cfg)
     typer.echo(f"run written to {out}")
 
@@ -399,18 +415,18 @@ def extrapolate_cmd(
     ] = None,
     out: Annotated[Path | None, typer.Option(help="output model folder (must not exist)")] = None,
     to: Annotated[float | None, typer.Option(help="target training step")] = None,
-    method: Annotated[str, typer.Option(help="two-point, lstsq or gated")] = "two-point",
+    method: Annotated[str, typer.Option(help="two-point, lstsq, gated or rank1")] = "two-point",
     alpha: Annotated[
         float | None, typer.Option(help="two-point: Eq. 2's alpha instead of --to")
     ] = None,
     steps: Annotated[
         tuple[int, int] | None,
-        typer.Option(help="two-point: the two stored steps T0 T1; lstsq/gated: a range, "
+        typer.Option(help="two-point: the two stored steps T0 T1; lstsq/gated/rank1: a range, "
                      "every stored step with T0 <= step <= T1 (T0 and T1 need not be stored; "
                      "default: first and last / all)"),
     ] = None,
     window: Annotated[
-        int | None, typer.Option(help="lstsq/gated: use only the last N stored steps")
+        int | None, typer.Option(help="lstsq/gated/rank1: use only the last N stored steps")
     ] = None,
     r2_min: Annotated[
         float | None, typer.Option(help="gated: line where R² >= this, else last checkpoint")
@@ -500,7 +516,7 @@ def backtest_cmd(
         list[float] | None, typer.Option(help="gate thresholds to try (default 0.5, 0.8)")
     ] = None,
     window: Annotated[
-        int | None, typer.Option(help="lstsq/gated: only the last N known steps")
+        int | None, typer.Option(help="lstsq/gated/rank1: only the last N known steps")
     ] = None,
     per_tensor: Annotated[bool, typer.Option(help="also print the per-tensor table")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
@@ -533,7 +549,7 @@ def alpha_sweep_cmd(
         typer.Option(help="alphas (repeatable; default: every later real checkpoint)"),
     ] = None,
     method: Annotated[
-        list[str] | None, typer.Option(help="two-point, lstsq, gated (repeatable)")
+        list[str] | None, typer.Option(help="two-point, lstsq, gated, rank1 (repeatable)")
     ] = None,
     r2_min: Annotated[float, typer.Option(help="gated: R² threshold")] = 0.8,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="also write a CSV")] = None,

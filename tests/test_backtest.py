@@ -22,6 +22,7 @@ def test_plan_cases_holds_out_the_later_half():
     assert {c.target for c in cases} == {30, 40}
     labels = {c.label for c in cases}
     assert labels == {NO_CHANGE, "two-point(t0=0)", "two-point(t0=10)", "lstsq(3 steps)",
+                      "rank1(3 steps)",
                       "gated(r2>=0.7)"}
     tp = next(c for c in cases if c.label == "two-point(t0=0)" and c.target == 40)
     assert tp.alpha == 2.0

@@ -51,6 +51,14 @@ GRIDS: dict[str, list[tuple[str, dict[str, Any]]]] = {
         ("lr 1e-5, 200 steps, 64x8, addsub2", _big(lr=1e-5, task="addsub2")),
         ("lr 1e-5, 200 steps, 64x8, hidden 256", _big(lr=1e-5, size=ModelSize(
             hidden_size=256, intermediate_size=512))),
+        ("lr 3e-5, 200 steps, 64x8, warm start 150", _big(lr=3e-5, sft_steps=150)),
+        ("lr 2e-5, 200 steps, 64x8, warm start 100", _big(lr=2e-5, sft_steps=100)),
+        ("lr 2e-5, 200 steps, 32x16, warm start 150", _big(lr=2e-5, sft_steps=150,
+                                                         prompts_per_step=32, generations=16)),
+        ("lr 2e-5, 200 steps, 48x8, warm start 150", _big(lr=2e-5, sft_steps=150,
+                                                        prompts_per_step=48)),
+        ("lr 2e-5, 200 steps, 64x8, warm start 150, fp32 checkpoints",
+         _big(lr=2e-5, sft_steps=150, dtype="float32")),
     ],
 }
 

@@ -35,14 +35,14 @@ class SweepRow:
 
 def heldout_problems(run_dir: Path) -> list:
     """The run's held-out split (seed and size from its run_config.json)."""
-    from pipeline.rl.tasks import addition_problems
+    from pipeline.rl.tasks import run_problems
 
     cfg_path = run_dir / RUN_CONFIG
     if not cfg_path.is_file():
         raise PipelineError("no run_config.json: the alpha sweep needs a tiny RLVR run "
                             "(its task and held-out seed)", run_dir)
     cfg = json.loads(cfg_path.read_text())
-    return addition_problems(int(cfg["seed"]), int(cfg.get("n_heldout", 256)))[1]
+    return run_problems(cfg)[1]
 
 
 def score_folder(folder: Path, problems: list) -> float:

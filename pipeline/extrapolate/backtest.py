@@ -25,8 +25,9 @@ import numpy as np
 
 from pipeline.errors import PipelineError, check_int, check_number, check_output
 from pipeline.extrapolate import kernels as K
-from pipeline.extrapolate.export import row_blocks
+from pipeline.extrapolate.export import rank1_of, row_blocks
 from pipeline.extrapolate.plan import DEFAULT_EXCLUDE, TensorPlan, plan_tensors
+from pipeline.extrapolate.rank1 import Rank1
 from pipeline.extrapolate.sources import WeightSource
 from pipeline.fit.kernels import Fit
 
@@ -38,7 +39,7 @@ NO_CHANGE = "no-change"
 class Case:
     """One prediction: a method, the known steps it uses, and the step it predicts."""
 
-    method: str  # "two-point", "lstsq", "gated", "no-change"
+    method: str  # "two-point", "lstsq", "gated", "rank1", "no-change"
     used: tuple[int, ...]  # known steps the method reads (two-point: (t0, t1))
     target: int
     r2_min: float | None = None
@@ -59,8 +60,8 @@ class Case:
             return f"two-point(t0={self.used[0]})"
         if self.method == "gated":
             return f"gated(r2>={self.r2_min:g})"
-        if self.method == "lstsq":
-            return f"lstsq({len(self.used)} steps)"
+        if self.method in ("lstsq", "rank1"):
+            return f"{self.method}({len(self.used)} steps)"
         return self.method
 
 
@@ -107,6 +108,7 @@ def plan_cases(
             cases.append(Case(NO_CHANGE, (c,), t))
             cases += [Case("two-point", (t0, c), t) for t0 in t0s]
             cases.append(Case("lstsq", tuple(known), t))
+            cases.append(Case("rank1", tuple(known), t))
             cases += [Case("gated", tuple(known), t, r2_min=r) for r in r2_mins]
     return cases
 
@@ -193,13 +195,16 @@ def run_backtest(
 
         it = tqdm(plans, desc="backtest", unit="tensor")
     for p in it:
+        dirs = {c.used: rank1_of(source, p, c.used, block_bytes)
+                for c in cases if c.method == "rank1" and p.is_matrix}
         for rows in row_blocks(p.shape, block_bytes, 8 * n_steps + 96):
             vals = {s: source.read(p.name, s, rows) for s in needed}
-            _score_block(result, p, vals)
+            _score_block(result, p, vals, rows, dirs)
     return result
 
 
-def _score_block(result: BacktestResult, p: TensorPlan, vals: dict[int, np.ndarray]) -> None:
+def _score_block(result: BacktestResult, p: TensorPlan, vals: dict[int, np.ndarray],
+                 rows: slice | None, dirs: dict[tuple[int, ...], Rank1]) -> None:
     f32 = {s: K.to_float32(v) for s, v in vals.items()}
     fits: dict[tuple[int, ...], tuple[Fit, np.ndarray]] = {}
     for i, c in enumerate(result.cases):
@@ -209,6 +214,9 @@ def _score_block(result: BacktestResult, p: TensorPlan, vals: dict[int, np.ndarr
             pred = base
         elif c.method == "two-point":
             pred = K.two_point(vals[c.used[0]], vals[c.used[1]], c.alpha)
+        elif c.method == "rank1" and c.used in dirs:
+            assert rows is not None  # a matrix
+            pred = base.astype(np.float64) + dirs[c.used].drift(rows, c.target - c.cutoff)
         else:
             if c.used not in fits:
                 fits[c.used] = K.fit_line((vals[s] for s in c.used), list(c.used))

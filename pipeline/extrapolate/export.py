@@ -28,6 +28,7 @@ from pipeline.errors import PipelineError, check_int, check_number
 from pipeline.extrapolate import kernels as K
 from pipeline.extrapolate.plan import (
     DEFAULT_EXCLUDE,
+    WINDOW_METHODS,
     TensorPlan,
     check_method,
     check_target,
@@ -35,6 +36,7 @@ from pipeline.extrapolate.plan import (
     plan_tensors,
     resolve_alpha,
 )
+from pipeline.extrapolate.rank1 import Rank1, rank1_direction
 from pipeline.extrapolate.sources import CheckpointSource, WeightSource, check_export_out
 from pipeline.workspace import Workspace
 
@@ -81,7 +83,7 @@ def make_spec(
     if window is not None:
         check_int(window, "--window", 2)
         if m == "two-point":
-            raise PipelineError("--window only applies to --method lstsq or gated")
+            raise PipelineError(f"--window only applies to --method {', '.join(WINDOW_METHODS)}")
     if r2_min is not None and m != "gated":
         raise PipelineError("--r2-min only applies to --method gated")
     used = choose_steps(source.steps, steps, m, window)
@@ -112,7 +114,8 @@ def rows_per_block(shape: tuple[int, ...], block_bytes: int, elem_bytes: int = 4
 # scratch bytes per element besides the inputs: two-point writes one output element
 # (its float32 temporaries are cache-sized tiles); the least-squares state of
 # pipeline.fit holds ~80 bytes per element plus the float64 prediction
-ELEM_BYTES = {"two-point": 4, "lstsq": 104, "gated": 112}
+# rank1: a matrix needs its last step and the float64 drift; other tensors fall back to lstsq
+ELEM_BYTES = {"two-point": 4, "lstsq": 104, "gated": 112, "rank1": 104}
 
 
 def row_blocks(shape: tuple[int, ...], block_bytes: int, elem_bytes: int = 4
@@ -128,7 +131,7 @@ def row_blocks(shape: tuple[int, ...], block_bytes: int, elem_bytes: int = 4
 
 def input_steps(spec: ExtrapolationSpec, plan: TensorPlan) -> tuple[int, ...]:
     """The source steps a tensor's output depends on."""
-    if plan.action == "copy":
+    if plan.action == "copy" or (spec.method == "rank1" and plan.is_matrix):
         return (spec.steps[-1],)
     return spec.steps
 
@@ -179,6 +182,7 @@ def _read_into(source: WeightSource, name: str, step: int, rows: slice | None,
 def compute_block(
     spec: ExtrapolationSpec, plan: TensorPlan, inputs: list[np.ndarray],
     ws: Workspace | None = None, threads: int | None = None,
+    drift: np.ndarray | None = None,
 ) -> np.ndarray:
     """One output block exactly as written: predicted, rounded (RNE) to the output dtype.
 
@@ -186,9 +190,13 @@ def compute_block(
     result may be a view into it, valid until the workspace is used again.
     ``threads``: how many threads the two-point arithmetic is split over
     (default: every core); the bits are the same whatever the split.
+    ``drift``: rank1's move of this block (:meth:`Rank1.drift`), added to the last step.
     """
     if plan.action == "copy":
         val = inputs[0]
+    elif spec.method == "rank1" and plan.is_matrix:
+        assert drift is not None, "rank1 needs the block's drift"
+        val = K.to_float32(inputs[-1]).astype(np.float64) + drift
     elif spec.method == "two-point":
         assert spec.alpha is not None
         w0, w1 = inputs
@@ -240,6 +248,8 @@ def stream_blocks(
                                                     block_elem_bytes(spec, p)))]
     if not jobs:
         return
+    dirs = rank1_directions(source, spec, plans, block_bytes) if spec.method == "rank1" else {}
+    horizon = spec.target - spec.steps[-1]
     # the reader and the writer thread keep about a core busy each (copying to and from
     # the page cache). Measured on 2 cores, splitting the arithmetic on top of them was
     # ~5% faster on an idle machine but ~15% slower with other jobs running
@@ -249,7 +259,7 @@ def stream_blocks(
     writes: list[Future[None] | None] = [None, None]
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as write_pool:
         nxt = reader.submit(read_inputs, source, spec, jobs[0][0], jobs[0][1], read_spaces[0])
-        for k, (p, _rows, last) in enumerate(jobs):
+        for k, (p, rows, last) in enumerate(jobs):
             inputs = nxt.result()
             if k + 1 < len(jobs):  # into the buffers of block k - 1, computed already
                 nxt = reader.submit(read_inputs, source, spec, jobs[k + 1][0], jobs[k + 1][1],
@@ -257,7 +267,8 @@ def stream_blocks(
             slot = k % 2
             if writes[slot] is not None:
                 writes[slot].result()  # this workspace's previous block is on disk
-            block = compute_block(spec, p, inputs, workspaces[slot], threads)
+            drift = dirs[p.name].drift(rows, horizon) if p.name in dirs else None
+            block = compute_block(spec, p, inputs, workspaces[slot], threads, drift)
             if any(np.may_share_memory(block, x) for x in inputs):
                 # a copied tensor: its input buffer is refilled while the block is written
                 buf = workspaces[slot].get("output", block.shape, block.dtype)
@@ -270,6 +281,28 @@ def stream_blocks(
         for w in writes:
             if w is not None:
                 w.result()
+
+
+def rank1_directions(source: WeightSource, spec: ExtrapolationSpec,
+                     plans: Sequence[TensorPlan], block_bytes: int) -> dict[str, Rank1]:
+    """The rank-1 direction of every moving matrix, streamed from ``source`` before export.
+
+    A pre-pass over the window's first and last step (a few times) and every
+    step once, one row block at a time: memory is a block and two vectors.
+    """
+    return {p.name: rank1_of(source, p, spec.steps, block_bytes) for p in plans if p.is_matrix}
+
+
+def rank1_of(source: WeightSource, plan: TensorPlan, steps: Sequence[int],
+             block_bytes: int) -> Rank1:
+    """The rank-1 direction of one matrix over ``steps``, read one row block at a time."""
+
+    def read(step: int, rows: slice) -> np.ndarray:
+        return K.to_float32(source.read(plan.name, step, rows))
+
+    # two float64 copies of a block (the update and its product) dominate the working set
+    rows = rows_per_block(plan.shape, block_bytes, 16)
+    return rank1_direction(read, (plan.shape[0], plan.shape[1]), steps, rows)
 
 
 def _with_last(it: Iterator[slice | None]) -> Iterator[tuple[slice | None, bool]]:

@@ -20,8 +20,10 @@ import numpy as np
 from pipeline.errors import PipelineError, check_int, check_number
 from pipeline.extrapolate.kernels import is_float
 
-Method = Literal["two-point", "lstsq", "gated"]
-METHODS: tuple[str, ...] = ("two-point", "lstsq", "gated")
+Method = Literal["two-point", "lstsq", "gated", "rank1"]
+METHODS: tuple[str, ...] = ("two-point", "lstsq", "gated", "rank1")
+# methods that fit a line through every step of a window (not Eq. 2's two points)
+WINDOW_METHODS: tuple[str, ...] = ("lstsq", "gated", "rank1")
 Action = Literal["move", "copy"]
 
 # The authors' rule: any name containing these (lower-cased) is a norm layer,
@@ -65,6 +67,11 @@ class TensorPlan:
     src_dtype: np.dtype
     out_dtype: np.dtype
     action: Action
+
+    @property
+    def is_matrix(self) -> bool:
+        """A moving 2-D tensor: rank-1 extrapolation applies (others use the per-element line)."""
+        return self.action == "move" and len(self.shape) == 2 and min(self.shape) > 1
 
 
 def plan_tensors(
