@@ -32,10 +32,12 @@ def test_demo_end_to_end_then_rerun(tiny_run_bf16: Path, tmp_path: Path) -> None
     page = (tmp_path / "out" / "report" / "index.html").read_text()
     assert page.count("<img") >= 5 and "Backtest" in page
 
-    exported = tmp_path / "out" / "extrapolated-gated-step120"
-    assert (exported / "model.safetensors").exists()
-    model = AutoModelForCausalLM.from_pretrained(exported)
-    assert model.config.model_type == "qwen2"
+    for method in ("two-point", "rank1", "gated"):  # every demo model loads with transformers
+        exported = tmp_path / "out" / f"extrapolated-{method}-step120"
+        assert (exported / "model.safetensors").exists()
+        model = AutoModelForCausalLM.from_pretrained(exported)
+        assert model.config.model_type == "qwen2"
+    assert "rank-1 drift" in first.stdout
 
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]

@@ -448,3 +448,41 @@ def test_reader_out_buffer_matches_fresh_read(store_bf16) -> None:
     out = np.empty_like(bits)
     np.testing.assert_array_equal(decode(stored.copy(), base, out=out), bits)
     np.testing.assert_array_equal(decode(stored.copy(), base, overwrite=True), bits)
+
+
+def _synthetic_run(root: Path, config_from: Path, width: int) -> Path:
+    """Three float32 checkpoints of one (8, width) tensor: only the shape matters here."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(width)
+    for step in (0, 10, 20):
+        d = root / f"global_step_{step}"
+        d.mkdir(parents=True)
+        shutil.copy(config_from / "config.json", d / "config.json")
+        save_file({"w": rng.standard_normal((8, width)).astype(np.float32)},
+                  str(d / "model.safetensors"))
+    return root
+
+
+def test_a_store_replaced_at_the_same_path_is_not_read_through_stale_metadata(
+        tiny_run_fp32, tmp_path) -> None:
+    """Workers cache open stores; another run ingested where one was deleted must be re-read."""
+    from fit_checks import assert_same_fit
+
+    with dask_client(n_workers=1, memory_limit="2GB") as client:
+        _replace_and_refit(tiny_run_fp32, tmp_path, client)
+    assert_same_fit(tmp_path / "fit-b", tmp_path / "fit-c")
+
+
+def _replace_and_refit(tiny_run_fp32: Path, tmp_path: Path, client) -> None:
+    cfg = tiny_run_fp32 / "global_step_0"
+    narrow = _synthetic_run(tmp_path / "narrow", cfg, 4)
+    wide = _synthetic_run(tmp_path / "wide", cfg, 16)
+    store = tmp_path / "run.zarr"
+    _ingest(narrow, store, client)
+    fit_store(store, tmp_path / "fit-a", client=client, progress=False, keep_state=False)
+    shutil.rmtree(store)
+    _ingest(wide, store, client)  # same name and steps, another shape, same path
+    fit_store(store, tmp_path / "fit-b", client=client, progress=False, keep_state=False)
+    other = _ingest(wide, tmp_path / "fresh.zarr", client)
+    fit_store(other, tmp_path / "fit-c", client=client, progress=False, keep_state=False)

@@ -143,7 +143,7 @@ def fit_store(
     check_options(n_bins, block_bytes, seed, start, stop)
     store = Path(store)
     fit_dir = Path(out) if out is not None else fit_dir_for(store)
-    ref: SourceRef = source if source is not None else StoreRef(str(store.resolve()))
+    ref: SourceRef = source if source is not None else StoreRef.of(store)
     src = ref.open()
     check_output(fit_dir, store_inputs(store, src), writes=FIT_PARTS)
     all_steps = list(src.steps)

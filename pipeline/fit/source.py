@@ -46,20 +46,40 @@ class SourceRef(Protocol):
 
 
 @functools.lru_cache(maxsize=8)
-def _open_store(path: str) -> BlockSource:
+def _open_store(path: str, identity: str) -> BlockSource:
     from pipeline.store.reader import open_run
 
     return open_run(path)
 
 
+def store_identity(path: str | Path) -> str:
+    """Which store lives at ``path`` now: inode and mtime of its root metadata.
+
+    Workers of a long-lived cluster cache open stores; a store deleted and
+    ingested again at the same path (another run, other shapes) must not be
+    read through the old one's metadata.
+    """
+    try:
+        st = (Path(path) / "zarr.json").stat()
+    except OSError:
+        return ""
+    return f"{st.st_ino}:{st.st_mtime_ns}"
+
+
 @dataclass(frozen=True)
 class StoreRef:
-    """Reference to an ingested run store, opened once per worker process."""
+    """Reference to an ingested run store, opened once per worker process (and identity)."""
 
     path: str
+    identity: str = ""
+
+    @classmethod
+    def of(cls, path: str | Path) -> StoreRef:
+        resolved = str(Path(path).resolve())
+        return cls(resolved, store_identity(resolved))
 
     def open(self, n_steps: int | None = None) -> BlockSource:
-        src = _open_store(str(Path(self.path).resolve()))
+        src = _open_store(str(Path(self.path).resolve()), self.identity)
         if n_steps is None or len(src.steps) < n_steps:  # cached snapshot may be older
             src.refresh()  # type: ignore[attr-defined]
         return src
