@@ -157,7 +157,9 @@ def make_tiny_run_cmd(
     out: Annotated[Path, typer.Argument(help="folder to create; global_step_N/ go inside")],
     seed: int = 0,
     arch: Annotated[str, typer.Option(help="qwen2 or llama")] = "qwen2",
-    dtype: Annotated[str, typer.Option(help="checkpoint dtype: float32 or bfloat16")] = "bfloat16",
+    dtype: Annotated[
+        str | None, typer.Option(help="checkpoint dtype: float32 or bfloat16")
+    ] = None,
     max_shard_size: Annotated[
         str | None, typer.Option(help="shard the safetensors, e.g. 200KB")
     ] = None,
@@ -189,7 +191,7 @@ def make_tiny_run_cmd(
         raise PipelineError(f"unknown --task {task!r} (expected one of {', '.join(TASKS)})")
     if arch not in ("qwen2", "llama"):
         raise PipelineError(f"unknown --arch {arch!r} (expected qwen2 or llama)")
-    if dtype not in ("float32", "bfloat16"):
+    if dtype is not None and dtype not in ("float32", "bfloat16"):
         raise PipelineError(f"unknown --dtype {dtype!r} (expected float32 or bfloat16)")
     if lr is not None:
         number(lr, "--lr", 0.0, low_open=True)
@@ -202,9 +204,9 @@ def make_tiny_run_cmd(
             check_int(v, what, low)
     writing(out)
     size = ModelSize(hidden_size, layers, intermediate_size, heads, kv_heads)
-    given = dict(task=task, rl_steps=rl_steps, save_every=save_every, lr=lr,
+    given = dict(dtype=dtype, task=task, rl_steps=rl_steps, save_every=save_every, lr=lr,
                  prompts_per_step=prompts_per_step, generations=generations, sft_steps=sft_steps)
-    cfg = replace(TinyRunConfig(), seed=seed, arch=arch, dtype=dtype, tie=tie,
+    cfg = replace(TinyRunConfig(), seed=seed, arch=arch, tie=tie,
                   max_shard_size=max_shard_size, size=size,
                   **{k: v for k, v in given.items() if v is not None})
     make_tiny_run(out, cfg)

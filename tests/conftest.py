@@ -52,7 +52,8 @@ SEED = int(os.environ.get("RLVR_LIN_TEST_SEED", "0"))
 # The README's embedded default: the linear regime, for tests of the science.
 LINEAR = TinyRunConfig(seed=SEED)
 # Layout runs (bf16, 11 checkpoints, 0..100 every 10): real checkpoints, quickly.
-BF16 = TinyRunConfig(seed=SEED, lr=5e-5, rl_steps=100, save_every=10, prompts_per_step=16)
+BF16 = TinyRunConfig(seed=SEED, dtype="bfloat16", sft_steps=250, lr=5e-5, rl_steps=100,
+                     save_every=10, prompts_per_step=16)
 # Shorter variants: fp32 single file, bf16 sharded (same training as BF16), tied llama.
 FP32 = replace(BF16, dtype="float32", rl_steps=40)
 SHARDED = replace(BF16, max_shard_size="150KB", rl_steps=40)

@@ -33,16 +33,21 @@ from pipeline.rl.tiny_run import GENERATOR_VERSION, TinyRunConfig, make_tiny_run
 
 
 # Named grids: a label and the fields that differ from TinyRunConfig().
+# the generator's defaults before this sweep chose new ones: every setting spells out
+# what it changes from these, so the table keeps its meaning when the defaults move
+OLD_DEFAULT: dict[str, Any] = dict(dtype="bfloat16", sft_steps=250, rl_steps=100, save_every=10,
+                                   lr=5e-5, prompts_per_step=16, generations=8)
+
+
 def _big(**over: Any) -> dict[str, Any]:
     """200 GRPO steps of 64 prompts x 8 answers, checkpoints every 20 (the sweep's base)."""
-    return {"rl_steps": 200, "save_every": 20, "prompts_per_step": 64, **over}
+    return {**OLD_DEFAULT, "rl_steps": 200, "save_every": 20, "prompts_per_step": 64, **over}
 
 
 # Named grids: a label and the fields that differ from TinyRunConfig().
 GRIDS: dict[str, list[tuple[str, dict[str, Any]]]] = {
     "explore": [
-        ("old default (lr 5e-5, 100 steps, 16x8)", dict(lr=5e-5, rl_steps=100, save_every=10,
-                                                         prompts_per_step=16)),
+        ("old default (lr 5e-5, 100 steps, 16x8)", OLD_DEFAULT),
         ("lr 1e-5, 200 steps, 64x8", _big(lr=1e-5)),
         ("lr 2e-5, 200 steps, 64x8, warm start 150", _big(lr=2e-5, sft_steps=150)),
         ("lr 1e-5, 200 steps, 64x8, add3", _big(lr=1e-5, task="add3")),
@@ -59,6 +64,10 @@ GRIDS: dict[str, list[tuple[str, dict[str, Any]]]] = {
                                                         prompts_per_step=48)),
         ("lr 2e-5, 200 steps, 64x8, warm start 150, fp32 checkpoints",
          _big(lr=2e-5, sft_steps=150, dtype="float32")),
+    ],
+    # the embedded default (TinyRunConfig()), on every seed
+    "confirm": [
+        ("default: lr 3e-5, 200 steps, 64x8, warm start 150, fp32 checkpoints", {}),
     ],
 }
 

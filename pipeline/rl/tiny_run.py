@@ -40,21 +40,30 @@ RUN_CONFIG_FILE = "run_config.json"
 
 @dataclass(frozen=True)
 class TinyRunConfig:
-    """Everything that determines a run; saved beside it as run_config.json."""
+    """Everything that determines a run; saved beside it as run_config.json.
+
+    The defaults are the embedded run, chosen by ``workflows/regime_sweep.py``
+    (docs/regime_sweep.md): a short warm start leaves the policy much to learn,
+    64 prompts x 8 answers per step keep the gradient noise low, and a small
+    constant learning rate over 200 steps keeps the drift direction steady,
+    so the weights move on a line (median R² ~0.8 against a null of ~0.42).
+    Checkpoints are float32 (the master weights): bf16 rounds a 20-step move
+    of a few ULPs, which costs the backtest its margin over "no change".
+    """
 
     seed: int = 0
     arch: Arch = "qwen2"
-    dtype: SaveDtype = "bfloat16"
+    dtype: SaveDtype = "float32"
     tie: bool = False
     max_shard_size: str | None = None  # e.g. "200KB": sharded safetensors + index
     size: ModelSize = field(default_factory=ModelSize)
-    sft_steps: int = 250
+    sft_steps: int = 150
     sft_lr: float = 1e-3
     sft_batch: int = 128
-    rl_steps: int = 100
-    save_every: int = 10
-    lr: float = 5e-5
-    prompts_per_step: int = 16
+    rl_steps: int = 200
+    save_every: int = 20
+    lr: float = 3e-5
+    prompts_per_step: int = 64
     generations: int = 8
     n_heldout: int = 256
     task: str = "add2"  # a name in pipeline.rl.tasks.TASKS
