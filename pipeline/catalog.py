@@ -59,14 +59,34 @@ def catalog_path(path: str | Path | None = None) -> Path:
     return Path(path or os.environ.get(CATALOG_ENV) or DEFAULT_CATALOG)
 
 
-def load_catalog(path: str | Path | None = None) -> Catalog:
-    p = catalog_path(path)
+def _read_yaml(p: Path) -> Any:
+    """The catalog's YAML; every way a file can fail to be one is a one-line error naming it.
+
+    PyYAML composes recursively, so a document nested some thousands deep
+    ends in a RecursionError: that too is reported as the file's problem.
+    """
     try:
-        raw: Any = yaml.safe_load(p.read_text())
+        text = p.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise PipelineError("catalog file not found", p) from None
+    except IsADirectoryError:
+        raise PipelineError("is a folder, not a catalog file", p) from None
+    except OSError as e:
+        raise PipelineError(f"cannot read catalog: {e.strerror}", p) from None
+    except UnicodeDecodeError as e:
+        raise PipelineError(f"catalog is not UTF-8 text ({e.reason} at byte {e.start})",
+                            p) from None
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise PipelineError(f"not valid YAML: {e}", p) from None
+    except RecursionError:
+        raise PipelineError("not a catalog (YAML nested too deeply)", p) from None
+
+
+def load_catalog(path: str | Path | None = None) -> Catalog:
+    p = catalog_path(path)
+    raw = _read_yaml(p)
     try:
         cat = Catalog.model_validate(raw)
     except ValidationError as e:

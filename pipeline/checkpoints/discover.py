@@ -18,8 +18,9 @@ from pathlib import Path
 from pipeline.checkpoints.reader import has_weights
 from pipeline.errors import PipelineError
 
-DEFAULT_PATTERNS = (r"global_step_(?P<step>\d+)", r"checkpoint-(?P<step>\d+)",
-                    r"step_(?P<step>\d+)")
+DEFAULT_PATTERNS = (r"global_step_(?P<step>[0-9]+)", r"checkpoint-(?P<step>[0-9]+)",
+                    r"step_(?P<step>[0-9]+)")
+MAX_STEP = (1 << 63) - 1  # the store's step coordinate is int64
 INNER = ("", "actor/huggingface", "huggingface")
 MAX_DEPTH = 4
 
@@ -41,18 +42,53 @@ def _weights_folder(folder: Path) -> Path:
     return folder
 
 
+def _listdir(folder: Path) -> list[Path]:
+    """Sorted entries of a folder; an unreadable one is a named error, not a traceback."""
+    try:
+        return sorted(folder.iterdir())
+    except OSError as e:
+        raise PipelineError(f"cannot list folder: {e.strerror}", folder) from None
+
+
 def _candidates(run_dir: Path) -> list[Path]:
     """Folders up to MAX_DEPTH below ``run_dir``, skipping hidden ones; relative paths."""
     out, frontier = [], [run_dir]
     for _ in range(MAX_DEPTH):
         nxt = []
         for d in frontier:
-            for p in sorted(d.iterdir()):
+            for p in _listdir(d):
                 if p.is_dir() and not p.name.startswith("."):
                     out.append(p)
                     nxt.append(p)
         frontier = nxt
     return out
+
+
+def parse_step(text: str | None, folder: Path, pattern: str) -> int:
+    """The step a folder name gives, refused unless it is a non-negative int64.
+
+    Refused here, at discovery, so a step the store cannot record is never
+    written first (``-1`` would also read as the uncommitted marker).
+    """
+    if text is None or not (text.isascii() and text.isdigit()):
+        raise PipelineError(f"step pattern {pattern!r} matched {text!r}, which is not a "
+                            "step number (digits 0-9)", folder)
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(MAX_STEP)) or int(digits) > MAX_STEP:
+        raise PipelineError(f"step {digits[:40]} is too large (the store's steps are int64, "
+                            f"at most {MAX_STEP})", folder)
+    return int(digits)
+
+
+def compile_pattern(step_pattern: str) -> re.Pattern[str]:
+    """A user's step regex, checked: it compiles and has a named group ``step``."""
+    try:
+        rx = re.compile(step_pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise PipelineError(f"invalid step_pattern {step_pattern!r}: {e}") from None
+    if "step" not in rx.groupindex:
+        raise PipelineError(f"step_pattern {step_pattern!r} has no named group 'step'")
+    return rx
 
 
 def discover_checkpoints(run_dir: str | Path, step_pattern: str | None = None) -> list[Checkpoint]:
@@ -74,24 +110,19 @@ def discover_checkpoints(run_dir: str | Path, step_pattern: str | None = None) -
         found[step] = folder
 
     if step_pattern is not None:
-        try:
-            rx = re.compile(step_pattern)
-        except re.error as e:
-            raise PipelineError(f"invalid step_pattern {step_pattern!r}: {e}") from None
-        if "step" not in rx.groupindex:
-            raise PipelineError(f"step_pattern {step_pattern!r} has no named group 'step'")
+        rx = compile_pattern(step_pattern)
         for p in _candidates(run_dir):
             m = rx.fullmatch(p.relative_to(run_dir).as_posix())
             if m:
-                add(int(m.group("step")), _weights_folder(p))
+                add(parse_step(m.group("step"), p, step_pattern), _weights_folder(p))
     else:
         rxs = [re.compile(p) for p in DEFAULT_PATTERNS]
-        for p in sorted(run_dir.iterdir()):
+        for p in _listdir(run_dir):
             if not p.is_dir() or p.name.startswith("."):
                 continue
             for rx in rxs:
                 m = rx.fullmatch(p.name)
                 if m:
-                    add(int(m.group("step")), _weights_folder(p))
+                    add(parse_step(m.group("step"), p, rx.pattern), _weights_folder(p))
                     break
     return [Checkpoint(s, f) for s, f in sorted(found.items())]

@@ -3,6 +3,13 @@
 Opening a folder reads only headers, so it is cheap and it is the
 completeness check: every shard the index lists must exist and every header
 must agree with its file's size. Tensor data is read by row block on demand.
+
+A pickle (only with ``allow_pickle``, always ``weights_only=True``) must hold
+a flat state dict: string names to dense tensors, as ``torch.save(model.state_dict())``
+and HF's ``pytorch_model.bin`` do. A nested one (``{"state_dict": {...}}``,
+``{"model": {...}}`` as Lightning or DeepSpeed write them, with optimizer
+state and counters beside it) is refused with the key to unwrap, not guessed
+at: which entry is the model is the trainer's convention, not ours.
 """
 
 from __future__ import annotations
@@ -14,11 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.checkpoints.format import (
+    ST_DTYPES,
     TensorInfo,
     bits_dtype,
     logical_dtype,
     read_header,
     read_rows_bits,
+    short,
 )
 from pipeline.errors import PipelineError
 
@@ -51,14 +60,17 @@ def _index_files(folder: Path, index_name: str) -> tuple[list[Path], dict[str, s
     """Shard files listed by an HF index, refusing names that point outside the folder."""
     path = folder / index_name
     try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-        assert isinstance(weight_map, dict)
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        weight_map = json.loads(path.read_bytes().decode("utf-8"))["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         raise PipelineError("corrupt index file (no weight_map)", path) from None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()):
+        raise PipelineError("corrupt index file (weight_map is not a map of tensor names to "
+                            "shard file names)", path)
     names = sorted(set(weight_map.values()))
     for n in names:
-        if not isinstance(n, str) or "/" in n or "\\" in n or n in ("", ".", ".."):
-            raise PipelineError(f"index lists an unsafe shard name {n!r}", path)
+        if "/" in n or "\\" in n or n in ("", ".", "..") or "\0" in n:
+            raise PipelineError(f"index lists an unsafe shard name {short(n)}", path)
     files = [folder / n for n in names]
     for f in files:
         if not f.is_file():
@@ -122,19 +134,12 @@ class CheckpointReader:
                 self.tensors[name] = info
 
     def _load_pickles(self) -> None:
-        import torch
-
         for f in self.files:
-            try:
-                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:  # torch raises many types for bad pickles
-                raise PipelineError(f"cannot load pickle checkpoint: {e}", f) from None
-            for name, t in sd.items():
-                dtype = str(t.dtype).removeprefix("torch.")
+            for name, t in _load_state_dict(f).items():
                 if name in self.tensors:
-                    raise PipelineError(f"tensor {name!r} appears in two files", f)
-                self.tensors[name] = TensorInfo(name, f, dtype, tuple(t.shape), -1,
-                                                t.numel() * t.element_size())
+                    raise PipelineError(f"tensor {short(name)} appears in two files", f)
+                self.tensors[name] = TensorInfo(name, f, _pickled_dtype(name, t, f),
+                                                tuple(t.shape), -1, t.numel() * t.element_size())
                 self._pickled[name] = f
 
     @property
@@ -160,12 +165,21 @@ class CheckpointReader:
 
     @property
     def config(self) -> dict | None:
-        """``config.json`` of the model, if the folder has one."""
+        """``config.json`` of the model (a JSON object), if the folder has one."""
         p = self.folder / "config.json"
+        if not p.exists():
+            return None
         try:
-            return json.loads(p.read_text()) if p.exists() else None
-        except (OSError, ValueError):
-            raise PipelineError("config.json is not valid JSON", p) from None
+            cfg = json.loads(p.read_bytes().decode("utf-8"))
+        except OSError as e:
+            raise PipelineError(f"cannot read config.json: {e.strerror}", p) from None
+        except RecursionError:
+            raise PipelineError("config.json is nested too deeply", p) from None
+        except ValueError as e:  # not UTF-8, not JSON
+            raise PipelineError(f"config.json is not valid JSON: {e}", p) from None
+        if not isinstance(cfg, dict):
+            raise PipelineError("config.json is not a JSON object", p)
+        return cfg
 
     def read_bits(self, name: str, rows: slice | None = None) -> np.ndarray:
         """Raw bit patterns (unsigned ints of the dtype's width) of a row block."""
@@ -184,3 +198,41 @@ class CheckpointReader:
     def read(self, name: str, rows: slice | None = None) -> np.ndarray:
         """A row block in its logical dtype (bfloat16 as ``ml_dtypes.bfloat16``)."""
         return self.read_bits(name, rows).view(logical_dtype(self.dtype(name)))
+
+
+def _load_state_dict(f: Path) -> dict:
+    """A pickle's flat state dict (``weights_only=True``: no code runs), or a named error."""
+    import torch
+
+    try:
+        sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types for bad pickles
+        raise PipelineError(f"cannot load pickle checkpoint: {e}", f) from None
+    if not isinstance(sd, dict):
+        raise PipelineError(f"pickle holds a {type(sd).__name__}, not a state dict of "
+                            "tensors", f)
+    for name, t in sd.items():
+        if isinstance(t, dict):
+            raise PipelineError(f"pickle holds a nested dict under {short(name)}, not a flat "
+                                f"state dict; save sd[{short(name)}] (model.state_dict()) "
+                                "itself", f)
+        if not isinstance(name, str):
+            raise PipelineError(f"pickle has a key {short(name)} that is not a tensor name", f)
+        if not isinstance(t, torch.Tensor):
+            raise PipelineError(f"pickle entry {short(name)} is a {type(t).__name__}, not a "
+                                "tensor", f)
+    return sd
+
+
+def _pickled_dtype(name: str, t: object, f: Path) -> str:
+    """Logical dtype name of a pickled tensor; those a safetensors file could not hold fail."""
+    import torch
+
+    assert isinstance(t, torch.Tensor)
+    dtype = str(t.dtype).removeprefix("torch.")
+    if t.layout != torch.strided or t.is_quantized:
+        raise PipelineError(f"tensor {short(name)} is {t.layout} / quantized; only dense "
+                            "tensors can be stored", f)
+    if dtype not in ST_DTYPES.values():  # the dtypes a safetensors checkpoint may hold
+        raise PipelineError(f"tensor {short(name)} has dtype {dtype}, which cannot be stored", f)
+    return dtype

@@ -27,8 +27,14 @@ from typing import Any
 
 from pipeline.checkpoints.discover import Checkpoint, discover_checkpoints
 from pipeline.checkpoints.reader import CheckpointReader
-from pipeline.errors import PipelineError
-from pipeline.store.integrity import combine_blocks, snapshot, store_bytes, store_lock
+from pipeline.errors import PipelineError, check_int, check_number
+from pipeline.store.integrity import (
+    StoreLock,
+    combine_blocks,
+    snapshot,
+    store_bytes,
+    store_lock,
+)
 from pipeline.store.layout import (
     DEFAULT_BLOCK_BYTES,
     DEFAULT_CHUNK_BYTES,
@@ -38,7 +44,7 @@ from pipeline.store.layout import (
     plan_pieces,
 )
 from pipeline.store.naming import check_names
-from pipeline.store.state import StoreState
+from pipeline.store.state import StoreState, committed_steps, discard_layout
 from pipeline.store.tasks import (
     BlockResult,
     PieceSpec,
@@ -117,6 +123,49 @@ def check_order(stored: list[int], pending: list[Checkpoint]) -> None:
                             f"{stored[-1]}; the store is append-only", pending[0].path)
 
 
+# config.json fields that change what the weights compute: a step that differs in any of them
+# is another model, and an export would pair one model's config with the other's weights
+ARCH_KEYS = ("architectures", "model_type", "hidden_size", "intermediate_size",
+             "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+             "vocab_size", "tie_word_embeddings", "hidden_act", "rope_theta", "rope_scaling",
+             "rms_norm_eps", "layer_norm_eps", "num_experts", "num_local_experts",
+             "num_experts_per_tok", "sliding_window", "use_sliding_window", "layer_types",
+             "rope_parameters")
+NO_CONFIG = "no config.json"
+
+
+def check_config(expected: dict | None, config: dict | None, folder: Path) -> None:
+    """A later step must have the stored steps' architecture (and config.json iff they had one).
+
+    Only names, shapes and dtypes of tensors were compared once, so a llama
+    step after qwen2 steps with the same shapes was ingested silently.
+    """
+    path = folder / "config.json"
+    if (expected is None) != (config is None):
+        have = "is missing" if config is None else "appeared"
+        had = "have one" if expected is not None else "have none"
+        raise PipelineError(f"config.json {have} (the stored steps {had}); every step of a run "
+                            "must agree", path)
+    if expected is None or config is None:
+        return
+    for key in ARCH_KEYS:
+        if config.get(key) != expected.get(key):
+            raise PipelineError(f"model config changed: {key} is {config.get(key)!r}, the "
+                                f"stored steps have {expected.get(key)!r} (another "
+                                "architecture in the same run)", path)
+
+
+def check_options(poll: float, settle: float, max_idle: float | None, chunk_bytes: int,
+                  block_bytes: int) -> None:
+    """Refuse bad numbers before anything is locked or created (NaN passes every ``<``)."""
+    check_number(poll, "poll", 0)
+    check_number(settle, "settle", 0)
+    if max_idle is not None:
+        check_number(max_idle, "max_idle", 0)
+    check_int(chunk_bytes, "chunk_bytes", 1)
+    check_int(block_bytes, "block_bytes", 1)
+
+
 # -- Dask ----------------------------------------------------------------------------------------
 
 @contextmanager
@@ -191,6 +240,7 @@ class _Ingester:
         self.seen: dict[Path, tuple[dict, float]] = {}
         self.report = IngestReport(store)
         self.nthreads = 2
+        self.created_layout = False  # this process laid out the (still uncommitted) store
 
     def verify_stored(self, state: StoreState, cps: list[Checkpoint]) -> None:
         """Stored steps whose checkpoint is still there must hold the same bytes."""
@@ -248,12 +298,15 @@ class _Ingester:
             readers.append((cp, r))
         expected: Table | None = (
             {n: (t.dtype, t.shape) for n, t in state.tensors.items()} if state.steps else None)
+        config = state.meta.get("model_config") if state.steps else None
         for cp, r in readers:
             table = tensor_table(r)
             if expected is None:
-                check_names(sorted(table))  # refuse unstorable names before creating anything
-                expected = table
+                # refuse unstorable names before creating anything
+                check_names(sorted(table), {n: i.file for n, i in r.tensors.items()})
+                expected, config = table, r.config
             check_table(expected, table, cp.path)
+            check_config(config, r.config, r.folder)
         if readers:
             self.ingest_steps(state, readers)
         return len(readers)
@@ -264,6 +317,7 @@ class _Ingester:
         index0 = len(state.steps)
         if index0 == 0:
             cp, reader = items[0]
+            self.created_layout = True
             state.create(tensor_table(reader), reader.config,
                          {"run_dir": str(self.run_dir.resolve()),
                           "step_pattern": self.opts.step_pattern}, self.opts.chunk_bytes)
@@ -465,20 +519,22 @@ def ingest(
     """
     t0 = time.perf_counter()
     run_dir, store = Path(run_dir), Path(store)
+    check_options(poll, settle, max_idle, chunk_bytes, block_bytes)
     opts = IngestOptions(step_pattern, allow_pickle, chunk_bytes, block_bytes, progress)
     discover_checkpoints(run_dir, step_pattern)  # fail on a bad run dir before making a store
-    StoreState.open(store)  # refuse a foreign folder before locking (creating) it
-    existed = store.exists()
-    try:
-        with _client(client, scheduler) as c:
-            ing = _Ingester(run_dir, store, c, opts, log)
-            hook = (lambda: after_commit(c)) if after_commit else None
-            _run(ing, store, watch, poll, settle, max_idle, until_step, hook)
-    except BaseException:
-        if not existed and not (store / "zarr.json").exists():
-            shutil.rmtree(store, ignore_errors=True)  # leave no empty store behind
-        raise
-    state = StoreState.open(store) if (store / "zarr.json").exists() else StoreState(store)
+    StoreState.open(store)  # refuse a file or a foreign folder before locking (creating) it
+    ing: _Ingester | None = None
+    with store_lock(store) as lock:
+        try:
+            with _client(client, scheduler) as c:
+                ing = _Ingester(run_dir, store, c, opts, log)
+                hook = (lambda: after_commit(c)) if after_commit else None
+                _run(ing, store, watch, poll, settle, max_idle, until_step, hook)
+        except BaseException:
+            _discard_unfinished(lock, ing is not None and ing.created_layout)
+            raise
+        state = StoreState.open(store)
+    assert ing is not None
     rep = ing.report
     rep.steps = list(state.steps)
     rep.checkpoint_bytes = sum(r["checkpoint_bytes"] for r in state.records)
@@ -487,24 +543,38 @@ def ingest(
     return rep
 
 
+def _discard_unfinished(lock: StoreLock, created_layout: bool) -> None:
+    """After a failure with no step committed, remove what this process created, and only that.
+
+    The folder goes only if this process made it; a layout only if this
+    process laid it out (a store another run left uncommitted stays for it to
+    resume). Runs under the lock, so no other ingest is using what is removed.
+    """
+    if committed_steps(lock.store):
+        return
+    if lock.created:
+        shutil.rmtree(lock.store, ignore_errors=True)
+    elif created_layout:
+        discard_layout(lock.store)
+
+
 def _run(ing: _Ingester, store: Path, watch: bool, poll: float, settle: float,
          max_idle: float | None, until_step: int | None,
          after_commit: Callable[[], None] | None = None) -> None:
-    """One pass, or the watch loop, under the store lock."""
-    with store_lock(store):
-        if not watch:
-            if ing.run_pass(False, 0.0) and after_commit:
+    """One pass, or the watch loop (the caller holds the store lock)."""
+    if not watch:
+        if ing.run_pass(False, 0.0) and after_commit:
+            after_commit()
+        return
+    last = time.monotonic()
+    while True:
+        if ing.run_pass(True, settle):
+            last = time.monotonic()
+            if after_commit:
                 after_commit()
+        steps = StoreState.open(store).steps
+        if until_step is not None and steps and steps[-1] >= until_step:
             return
-        last = time.monotonic()
-        while True:
-            if ing.run_pass(True, settle):
-                last = time.monotonic()
-                if after_commit:
-                    after_commit()
-            steps = StoreState.open(store).steps
-            if until_step is not None and steps and steps[-1] >= until_step:
-                return
-            if max_idle is not None and time.monotonic() - last >= max_idle:
-                return
-            time.sleep(poll)
+        if max_idle is not None and time.monotonic() - last >= max_idle:
+            return
+        time.sleep(poll)

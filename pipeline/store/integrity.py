@@ -16,6 +16,7 @@ import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -136,17 +137,86 @@ def snapshot(folder: Path) -> Snapshot:
     return out
 
 
-@contextmanager
-def store_lock(store: Path) -> Iterator[None]:
-    """Exclusive lock so two ingests never write the same store at once."""
-    store.mkdir(parents=True, exist_ok=True)
-    fd = os.open(store / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+def _make_store_dir(store: Path) -> bool:
+    """Create the store folder if missing; True only if this call created it.
+
+    Only the process that created the folder may ever remove it (and only
+    while holding its lock): a refused ingest must not take away the folder,
+    or the lock, of the one that is running.
+    """
+    if store.is_dir():
+        return False
+    if store.exists():
+        raise PipelineError("is a file, not a store folder", store)
+    for parent in store.parents:
+        if parent.exists() and not parent.is_dir():
+            raise PipelineError(f"cannot create store folder: {parent} is a file", store)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise PipelineError("another ingest is writing this store", store) from None
-        yield
+        store.parent.mkdir(parents=True, exist_ok=True)
+        store.mkdir()
+    except FileExistsError:
+        if not store.is_dir():
+            raise PipelineError("is a file, not a store folder", store) from None
+        return False  # another process made it first: it is theirs
+    except OSError as e:
+        raise PipelineError(f"cannot create store folder: {e.strerror}", store) from None
+    return True
+
+
+def _take_lock(store: Path) -> int | None:
+    """An fd holding the flock of the store's current lock file, or None to try again.
+
+    The lock file may be removed (with the folder of a failed first ingest)
+    between our open and our flock; holding a lock on a removed file locks
+    nothing, so the inode we locked must still be the one at the path.
+    """
+    path = store / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except FileNotFoundError:
+        return None  # the folder went away: make it again
+    except OSError as e:
+        raise PipelineError(f"cannot open the store lock: {e.strerror}", path) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held, now = os.fstat(fd), os.stat(path)
+    except BlockingIOError:
+        os.close(fd)
+        raise PipelineError("another ingest is writing this store", store) from None
+    except FileNotFoundError:
+        os.close(fd)
+        return None
+    if (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino):
+        os.close(fd)
+        return None
+    return fd
+
+
+@dataclass(frozen=True)
+class StoreLock:
+    """A held store lock; ``created`` says this process made the store folder."""
+
+    store: Path
+    created: bool
+
+
+@contextmanager
+def store_lock(store: Path) -> Iterator[StoreLock]:
+    """Exclusive lock so two ingests never write the same store at once.
+
+    Taken before anything else is written in the store. A refusal touches
+    nothing: the folder and the lock file stay as the running ingest has them.
+    """
+    created = False
+    for _ in range(5):
+        created = _make_store_dir(store) or created
+        fd = _take_lock(store)
+        if fd is not None:
+            break
+    else:
+        raise PipelineError("another ingest is writing this store", store)
+    try:
+        yield StoreLock(store, created)
     finally:
         os.close(fd)
 

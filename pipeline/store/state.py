@@ -50,8 +50,23 @@ class TensorEntry:
         return {"path": self.path, "dtype": self.dtype, "shape": list(self.shape)}
 
 
+LAYOUT = ("zarr.json", TENSORS_GROUP, RECORDS_GROUP, STEP_ARRAY)  # all a store writes but its lock
+
+
+def discard_layout(store: Path) -> None:
+    """Remove a layout that never committed a step (never the folder or its lock file)."""
+    for sub in LAYOUT:
+        p = store / sub
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+
 def read_meta(store: Path) -> dict[str, Any] | None:
     """The store's ``rlvr_lin`` root attributes, or None if there is no store yet."""
+    if store.exists() and not store.is_dir():
+        raise PipelineError("is a file, not a store folder", store)
     if not (store / "zarr.json").exists():
         if store.exists() and any(p.name != ".ingest.lock" for p in store.iterdir()):
             raise PipelineError("exists and is not an rlvr-lin run store", store)
@@ -115,12 +130,7 @@ class StoreState:
                source: dict[str, Any], chunk_bytes: int) -> None:
         """Lay out an empty store (discarding leftovers of an attempt that never committed)."""
         assert not self.steps
-        for sub in (TENSORS_GROUP, RECORDS_GROUP, STEP_ARRAY, "zarr.json"):
-            p = self.path / sub
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+        discard_layout(self.path)
         paths = check_names(sorted(table))
         self.tensors = {n: TensorEntry(paths[n], d, s) for n, (d, s) in table.items()}
         s = str(self.path)
