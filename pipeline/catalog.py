@@ -26,12 +26,16 @@ class TinyRunSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     seed: int = 0
     arch: str = "qwen2"
-    dtype: str = "bfloat16"
+    dtype: str | None = None  # None: the embedded run's (pipeline.rl.tiny_run.TinyRunConfig)
     tie: bool = False
     max_shard_size: str | None = None
+    task: str | None = None
+    sft_steps: int | None = None
     rl_steps: int | None = None
     save_every: int | None = None
     lr: float | None = None
+    prompts_per_step: int | None = None
+    generations: int | None = None
 
 
 class RunEntry(BaseModel):

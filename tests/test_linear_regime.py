@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline.compute import dask_client
@@ -41,9 +42,10 @@ def test_the_policy_keeps_learning(tiny_run_linear: Path) -> None:
     steps = sorted(acc)
     first, mid, last = acc[steps[0]], acc[steps[len(steps) // 2]], acc[steps[-1]]
     assert last - first >= 0.10, acc
-    # still learning in the second half: its later checkpoints beat the middle one on average
-    later = [acc[s] for s in steps[len(steps) // 2 + 1:]]
-    assert sum(later) / len(later) > mid - 0.02, acc
+    # still learning in the second half: accuracy's least-squares trend there is upward
+    half = steps[len(steps) // 2:]
+    assert np.polyfit(half, [acc[s] for s in half], 1)[0] > 0, acc
+    assert last > mid, acc
     # the metrics file tells the truth: the saved files score the same
     problems = heldout_problems(tiny_run_linear)
     for s in (steps[0], steps[-1]):

@@ -31,7 +31,6 @@ from typing import Any
 from pipeline.rl.tiny_model import ModelSize
 from pipeline.rl.tiny_run import GENERATOR_VERSION, TinyRunConfig, make_tiny_run
 
-
 # Named grids: a label and the fields that differ from TinyRunConfig().
 # the generator's defaults before this sweep chose new ones: every setting spells out
 # what it changes from these, so the table keeps its meaning when the defaults move
