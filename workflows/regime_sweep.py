@@ -232,6 +232,18 @@ def write_report(out: Path, doc: Path) -> None:
             f"| {span(rs, 'null_median', '{:.3f}')} | {span(rs, 'frac_gt_0.7')} "
             f"| {span(rs, 'bt_best_rel')} ({rs[0]['bt_best_method']}) "
             f"| {span(rs, 'gen_seconds', '{:.0f}')} |")
+    lines += ["", "Backtest per method (worst relative error over the last quarter; "
+              "1 = no change), rows that ran every method:", ""]
+    methods: list[str] = []
+    per = [(r, json.loads(r["bt_rel_by_method"])) for r in rows]
+    per = [(r, m) for r, m in per if any(k.startswith("rank1") for k in m)]
+    for _, m in per:
+        methods += [k for k in m if k not in methods]
+    lines += ["| setting | seed | " + " | ".join(methods) + " |",
+              "|---|---|" + "---|" * len(methods)]
+    for r, m in per:
+        lines.append(f"| {r['label']} | {r['seed']} | "
+                     + " | ".join(f"{m[k]:.3f}" if k in m else "-" for k in methods) + " |")
     png = doc.with_suffix(".png")
     fig, ax = plt.subplots(figsize=(7, 5))
     for label, rs in by.items():
