@@ -146,10 +146,11 @@ def test_paper_filter_counts_match_reference(tiny_run_bf16, fit_bf16) -> None:
     assert kept > 0
 
 
-def test_null_is_below_real_and_deterministic(store_bf16, fit_bf16, client, tmp_path) -> None:
+def test_null_is_sane_and_deterministic(store_bf16, fit_bf16, client, tmp_path) -> None:
+    """The null's level and its bitwise determinism; real-vs-null is asserted on the
+    linear run (tests/test_linear_regime.py): this short layout run is a random walk."""
     tot = summary_frames(fit_bf16.histograms["moving"])["overall"].iloc[0]
     assert 0.2 < tot.null_median < 0.6
-    assert tot["median"] > tot.null_median, "a real RL run is more linear than chance"
     # another blocking (many small tasks) gives bitwise the same fit, null included
     again = fit_store(store_bf16, tmp_path / "fit2", client=client, block_bytes=16 << 10,
                       progress=False)
