@@ -289,6 +289,8 @@ def test_watch_picks_up_new_checkpoints(tiny_run_bf16: Path, cluster, tmp_path: 
             d = run / f"global_step_{s}"
             f = d / "model.safetensors"
             d.mkdir()
+            # trainers write the config with the weights; ingest compares it between steps
+            shutil.copy(tiny_run_bf16 / f"global_step_{s}" / "config.json", d / "config.json")
             data = (tiny_run_bf16 / f"global_step_{s}" / "model.safetensors").read_bytes()
             f.write_bytes(data[: len(data) // 2])  # a shard still being written
             time.sleep(1.0)
