@@ -131,23 +131,19 @@ ARCH_KEYS = ("architectures", "model_type", "hidden_size", "intermediate_size",
              "rms_norm_eps", "layer_norm_eps", "num_experts", "num_local_experts",
              "num_experts_per_tok", "sliding_window", "use_sliding_window", "layer_types",
              "rope_parameters")
-NO_CONFIG = "no config.json"
 
 
 def check_config(expected: dict | None, config: dict | None, folder: Path) -> None:
-    """A later step must have the stored steps' architecture (and config.json iff they had one).
+    """A step's config.json must describe the run's architecture (the first config.json seen).
 
     Only names, shapes and dtypes of tensors were compared once, so a llama
-    step after qwen2 steps with the same shapes was ingested silently.
+    step after qwen2 steps with the same shapes was ingested silently. A step
+    without config.json is accepted (many trainers write it once, or after the
+    weights): there is nothing in it to disagree.
     """
-    path = folder / "config.json"
-    if (expected is None) != (config is None):
-        have = "is missing" if config is None else "appeared"
-        had = "have one" if expected is not None else "have none"
-        raise PipelineError(f"config.json {have} (the stored steps {had}); every step of a run "
-                            "must agree", path)
     if expected is None or config is None:
         return
+    path = folder / "config.json"
     for key in ARCH_KEYS:
         if config.get(key) != expected.get(key):
             raise PipelineError(f"model config changed: {key} is {config.get(key)!r}, the "
@@ -304,9 +300,11 @@ class _Ingester:
             if expected is None:
                 # refuse unstorable names before creating anything
                 check_names(sorted(table), {n: i.file for n, i in r.tensors.items()})
-                expected, config = table, r.config
+                expected = table
             check_table(expected, table, cp.path)
-            check_config(config, r.config, r.folder)
+            step_config = r.config
+            check_config(config, step_config, r.folder)
+            config = config if config is not None else step_config
         if readers:
             self.ingest_steps(state, readers)
         return len(readers)
@@ -445,6 +443,8 @@ class _Ingester:
             "nonfinite": nonfinite,
             "ingested_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        if state.meta.get("model_config") is None:  # the run's config: the first one seen
+            state.meta["model_config"] = job.reader.config
         state.commit(job.index, cp.step, record)
         self.verified.add(cp.step)
         self.report.ingested.append(cp.step)
