@@ -360,6 +360,16 @@ def test_store_that_is_a_file_is_refused_untouched(tiny_run_fp32: Path, cluster,
     assert f.read_text() == "my notes"
 
 
+@pytest.mark.parametrize("where", ["global_step_0/s.zarr", "global_step_0"])
+def test_store_inside_a_checkpoint_is_refused(tiny_run_fp32: Path, cluster, tmp_path: Path,
+                                              where: str) -> None:
+    run = small_run(tiny_run_fp32, tmp_path / "run", [0])
+    before = sorted(p.name for p in (run / "global_step_0").iterdir())
+    one_error(cli(cluster, str(run), "--store", str(run / where)), run / where,
+              "checkpoint folder|not an rlvr-lin run store")
+    assert sorted(p.name for p in (run / "global_step_0").iterdir()) == before
+
+
 # -- the model config -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("key", "value"), [

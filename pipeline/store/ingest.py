@@ -27,7 +27,7 @@ from typing import Any
 
 from pipeline.checkpoints.discover import Checkpoint, discover_checkpoints
 from pipeline.checkpoints.reader import CheckpointReader
-from pipeline.errors import PipelineError, check_int, check_number
+from pipeline.errors import PipelineError, check_int, check_number, check_output
 from pipeline.store.integrity import (
     StoreLock,
     combine_blocks,
@@ -149,6 +149,22 @@ def check_config(expected: dict | None, config: dict | None, folder: Path) -> No
             raise PipelineError(f"model config changed: {key} is {config.get(key)!r}, the "
                                 f"stored steps have {expected.get(key)!r} (another "
                                 "architecture in the same run)", path)
+
+
+def check_store_place(store: Path, run_dir: Path, cps: list[Checkpoint]) -> None:
+    """The store may not be, or sit inside, a checkpoint folder of the run it ingests.
+
+    A trainer that rotates checkpoints (``save_total_limit``) deletes the step
+    folder, and the store inside it with it; a store next to or above the
+    checkpoints is fine.
+    """
+    folders = {cp.path for cp in cps}
+    for cp in cps:
+        try:
+            folders.add(run_dir / cp.path.relative_to(run_dir).parts[0])
+        except (ValueError, IndexError):
+            pass
+    check_output(store, [("checkpoint folder", f) for f in sorted(folders)], option="--store")
 
 
 def check_options(poll: float, settle: float, max_idle: float | None, chunk_bytes: int,
@@ -278,6 +294,7 @@ class _Ingester:
     def run_pass(self, watch: bool, settle: float) -> int:
         """Ingest what is ready now; returns how many steps were committed."""
         cps = discover_checkpoints(self.run_dir, self.opts.step_pattern)
+        check_store_place(self.store, self.run_dir, cps)
         state = StoreState.open(self.store)
         self.verify_stored(state, cps)
         pending = [cp for cp in cps if cp.step not in state.steps]
@@ -521,7 +538,8 @@ def ingest(
     run_dir, store = Path(run_dir), Path(store)
     check_options(poll, settle, max_idle, chunk_bytes, block_bytes)
     opts = IngestOptions(step_pattern, allow_pickle, chunk_bytes, block_bytes, progress)
-    discover_checkpoints(run_dir, step_pattern)  # fail on a bad run dir before making a store
+    # fail on a bad run dir or a store inside a checkpoint before making a store
+    check_store_place(store, run_dir, discover_checkpoints(run_dir, step_pattern))
     StoreState.open(store)  # refuse a file or a foreign folder before locking (creating) it
     ing: _Ingester | None = None
     with store_lock(store) as lock:
