@@ -360,6 +360,16 @@ def test_store_that_is_a_file_is_refused_untouched(tiny_run_fp32: Path, cluster,
     assert f.read_text() == "my notes"
 
 
+@pytest.mark.parametrize("where", ["global_step_0/s.zarr", "global_step_0"])
+def test_store_inside_a_checkpoint_is_refused(tiny_run_fp32: Path, cluster, tmp_path: Path,
+                                              where: str) -> None:
+    run = small_run(tiny_run_fp32, tmp_path / "run", [0])
+    before = sorted(p.name for p in (run / "global_step_0").iterdir())
+    one_error(cli(cluster, str(run), "--store", str(run / where)), run / where,
+              "checkpoint folder|not an rlvr-lin run store")
+    assert sorted(p.name for p in (run / "global_step_0").iterdir()) == before
+
+
 # -- the model config -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("key", "value"), [
@@ -379,7 +389,6 @@ def test_architecture_change_refused(stored_run, cluster, key: str, value: objec
 
 
 @pytest.mark.parametrize(("content", "message"), [
-    (None, "config.json is missing"),
     ("[1, 2]", "not a JSON object"),
     ("{not json", "not valid JSON"),
     ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
@@ -388,9 +397,7 @@ def test_architecture_change_refused(stored_run, cluster, key: str, value: objec
 def test_bad_or_missing_config_refused(stored_run, cluster, content, message) -> None:
     run, store, before = stored_run
     cfg_file = run / "global_step_20" / "config.json"
-    if content is None:
-        cfg_file.unlink()
-    elif isinstance(content, bytes):
+    if isinstance(content, bytes):
         cfg_file.write_bytes(content)
     else:
         cfg_file.write_text(content)
@@ -408,19 +415,41 @@ def test_config_change_within_a_new_run_leaves_no_store(tiny_run_fp32: Path, clu
     assert not (tmp_path / "s.zarr").exists()
 
 
-def test_runs_without_config_stay_accepted(cluster, tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    for s in (0, 1):
+def test_missing_config_is_accepted_and_the_first_one_seen_is_the_runs(cluster,
+                                                                      tmp_path: Path) -> None:
+    """Decision: config.json may be missing from any step (many trainers write it once);
+    the run's config is the first one seen, and every later config.json must match it."""
+    run, store = tmp_path / "run", tmp_path / "s.zarr"
+
+    def step(s: int, config: dict | None) -> None:
         (run / f"global_step_{s}").mkdir(parents=True)
         save_file({"w": torch.full((2, 2), float(s))},
                   run / f"global_step_{s}" / "model.safetensors")
-    ingest(run, tmp_path / "s.zarr", client=cluster, progress=False)
-    assert pipeline.open_run(tmp_path / "s.zarr").steps == [0, 1]
-    (run / "global_step_2").mkdir()
-    save_file({"w": torch.full((2, 2), 2.0)}, run / "global_step_2" / "model.safetensors")
-    (run / "global_step_2" / "config.json").write_text('{"model_type": "qwen2"}')
-    with pytest.raises(PipelineError, match="config.json appeared"):
-        ingest(run, tmp_path / "s.zarr", client=cluster, progress=False)
+        if config is not None:
+            (run / f"global_step_{s}" / "config.json").write_text(json.dumps(config))
+
+    step(0, None)
+    step(1, None)
+    ingest(run, store, client=cluster, progress=False)
+    assert pipeline.open_run(store).config is None
+    step(2, {"model_type": "qwen2", "num_attention_heads": 4})
+    step(3, None)
+    ingest(run, store, client=cluster, progress=False)
+    assert pipeline.open_run(store).config == {"model_type": "qwen2", "num_attention_heads": 4}
+    step(4, {"model_type": "qwen2", "num_attention_heads": 8})
+    before = store_files(store)
+    with pytest.raises(PipelineError, match="num_attention_heads is 8") as e:
+        ingest(run, store, client=cluster, progress=False)
+    assert str(run / "global_step_4" / "config.json") in str(e.value)
+    assert store_files(store) == before
+
+
+def test_missing_config_in_a_later_step_is_accepted(stored_run, cluster) -> None:
+    run, store, _ = stored_run
+    (run / "global_step_20" / "config.json").unlink()
+    res = cli(cluster, str(run), "--store", str(store))
+    assert res.exit_code == 0, res.output
+    assert pipeline.open_run(store).config["model_type"] == "qwen2"
 
 
 # -- names ----------------------------------------------------------------------------------------

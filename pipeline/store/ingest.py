@@ -27,7 +27,7 @@ from typing import Any
 
 from pipeline.checkpoints.discover import Checkpoint, discover_checkpoints
 from pipeline.checkpoints.reader import CheckpointReader
-from pipeline.errors import PipelineError, check_int, check_number
+from pipeline.errors import PipelineError, check_int, check_number, check_output
 from pipeline.store.integrity import (
     StoreLock,
     combine_blocks,
@@ -131,28 +131,40 @@ ARCH_KEYS = ("architectures", "model_type", "hidden_size", "intermediate_size",
              "rms_norm_eps", "layer_norm_eps", "num_experts", "num_local_experts",
              "num_experts_per_tok", "sliding_window", "use_sliding_window", "layer_types",
              "rope_parameters")
-NO_CONFIG = "no config.json"
 
 
 def check_config(expected: dict | None, config: dict | None, folder: Path) -> None:
-    """A later step must have the stored steps' architecture (and config.json iff they had one).
+    """A step's config.json must describe the run's architecture (the first config.json seen).
 
     Only names, shapes and dtypes of tensors were compared once, so a llama
-    step after qwen2 steps with the same shapes was ingested silently.
+    step after qwen2 steps with the same shapes was ingested silently. A step
+    without config.json is accepted (many trainers write it once, or after the
+    weights): there is nothing in it to disagree.
     """
-    path = folder / "config.json"
-    if (expected is None) != (config is None):
-        have = "is missing" if config is None else "appeared"
-        had = "have one" if expected is not None else "have none"
-        raise PipelineError(f"config.json {have} (the stored steps {had}); every step of a run "
-                            "must agree", path)
     if expected is None or config is None:
         return
+    path = folder / "config.json"
     for key in ARCH_KEYS:
         if config.get(key) != expected.get(key):
             raise PipelineError(f"model config changed: {key} is {config.get(key)!r}, the "
                                 f"stored steps have {expected.get(key)!r} (another "
                                 "architecture in the same run)", path)
+
+
+def check_store_place(store: Path, run_dir: Path, cps: list[Checkpoint]) -> None:
+    """The store may not be, or sit inside, a checkpoint folder of the run it ingests.
+
+    A trainer that rotates checkpoints (``save_total_limit``) deletes the step
+    folder, and the store inside it with it; a store next to or above the
+    checkpoints is fine.
+    """
+    folders = {cp.path for cp in cps}
+    for cp in cps:
+        try:
+            folders.add(run_dir / cp.path.relative_to(run_dir).parts[0])
+        except (ValueError, IndexError):
+            pass
+    check_output(store, [("checkpoint folder", f) for f in sorted(folders)], option="--store")
 
 
 def check_options(poll: float, settle: float, max_idle: float | None, chunk_bytes: int,
@@ -282,6 +294,7 @@ class _Ingester:
     def run_pass(self, watch: bool, settle: float) -> int:
         """Ingest what is ready now; returns how many steps were committed."""
         cps = discover_checkpoints(self.run_dir, self.opts.step_pattern)
+        check_store_place(self.store, self.run_dir, cps)
         state = StoreState.open(self.store)
         self.verify_stored(state, cps)
         pending = [cp for cp in cps if cp.step not in state.steps]
@@ -304,9 +317,11 @@ class _Ingester:
             if expected is None:
                 # refuse unstorable names before creating anything
                 check_names(sorted(table), {n: i.file for n, i in r.tensors.items()})
-                expected, config = table, r.config
+                expected = table
             check_table(expected, table, cp.path)
-            check_config(config, r.config, r.folder)
+            step_config = r.config
+            check_config(config, step_config, r.folder)
+            config = config if config is not None else step_config
         if readers:
             self.ingest_steps(state, readers)
         return len(readers)
@@ -445,6 +460,8 @@ class _Ingester:
             "nonfinite": nonfinite,
             "ingested_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        if state.meta.get("model_config") is None:  # the run's config: the first one seen
+            state.meta["model_config"] = job.reader.config
         state.commit(job.index, cp.step, record)
         self.verified.add(cp.step)
         self.report.ingested.append(cp.step)
@@ -521,7 +538,8 @@ def ingest(
     run_dir, store = Path(run_dir), Path(store)
     check_options(poll, settle, max_idle, chunk_bytes, block_bytes)
     opts = IngestOptions(step_pattern, allow_pickle, chunk_bytes, block_bytes, progress)
-    discover_checkpoints(run_dir, step_pattern)  # fail on a bad run dir before making a store
+    # fail on a bad run dir or a store inside a checkpoint before making a store
+    check_store_place(store, run_dir, discover_checkpoints(run_dir, step_pattern))
     StoreState.open(store)  # refuse a file or a foreign folder before locking (creating) it
     ing: _Ingester | None = None
     with store_lock(store) as lock:
