@@ -219,8 +219,8 @@ def _load_state_dict(f: Path) -> dict:
         if not isinstance(name, str):
             raise PipelineError(f"pickle has a key {short(name)} that is not a tensor name", f)
         if not isinstance(t, torch.Tensor):
-            raise PipelineError(f"pickle entry {short(name)} is a {type(t).__name__}, not a "
-                                "tensor", f)
+            raise PipelineError(f"pickle entry {short(name)} is not a tensor "
+                                f"({type(t).__name__})", f)
     return sd
 
 
