@@ -216,10 +216,10 @@ def test_overlap_in_a_new_store_leaves_nothing(tiny_run_fp32: Path, cluster,
 # and tries the lock only after the watcher holds it.
 HOLDER = """
 import fcntl, pathlib, sys
-real = fcntl.flock
+real, marker = fcntl.flock, pathlib.Path(sys.argv[1])
 def flock(fd, op):
     real(fd, op)
-    pathlib.Path(sys.argv[1]).touch()  # tell the test (and the second ingest) we hold it
+    marker.touch()  # tell the second ingest we hold the lock
 fcntl.flock = flock
 sys.argv = ["rlvr-lin", *sys.argv[2:]]
 from pipeline.cli import main
@@ -227,10 +227,10 @@ main()
 """
 LATE = """
 import fcntl, pathlib, sys, time
-real = fcntl.flock
+real, marker = fcntl.flock, pathlib.Path(sys.argv[1])
 def flock(fd, op):
     deadline = time.monotonic() + 120
-    while not pathlib.Path(sys.argv[1]).exists() and time.monotonic() < deadline:
+    while not marker.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     real(fd, op)
 fcntl.flock = flock
@@ -277,6 +277,7 @@ def test_refused_ingest_leaves_the_running_one_and_its_lock(tiny_run_fp32: Path,
         watcher = _spawn(HOLDER, marker, *common, "--watch", "--poll", "0.2", "--settle", "0.3",
                          "--until-step", "20", "--max-idle", "300")
         _, err = late.communicate(timeout=240)
+        assert marker.exists()  # the watcher took the lock first, as arranged
         assert late.returncode == 2, err[-3000:]
         errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
         assert len(errors) == 1 and "another ingest is writing this store" in errors[0], err
