@@ -457,8 +457,75 @@ def test_zero_element_tensors_fit_extrapolate_and_backtest(tiny_run_fp32, copy_r
         assert set(empty) <= set(res.tensors)
 
 
-# -- 6. a lone-surrogate tensor name: refused at ingest (tests/test_reliability_ingest.py),
-#    so no store, and no fit, ever holds one
+# -- 6. a lone-surrogate tensor name: refused at ingest (tests/test_reliability_ingest.py);
+#    a source that is not a store must still not crash the fit
+
+
+class _RenamingRef:
+    """A store seen through the fit's SourceRef with one tensor renamed to ``alias``."""
+
+    def __init__(self, path: Path, name: str, alias: str) -> None:
+        self.path, self.name, self.alias = str(path), name, alias
+
+    def open(self, n_steps: int | None = None) -> _Renamed:
+        from pipeline.fit.source import StoreRef
+
+        return _Renamed(StoreRef(self.path).open(n_steps), self.name, self.alias)
+
+
+class _Renamed:
+    def __init__(self, inner, name: str, alias: str) -> None:
+        self.inner, self.name, self.alias = inner, name, alias
+
+    def _real(self, n: str) -> str:
+        return self.name if n == self.alias else n
+
+    @property
+    def steps(self):
+        return self.inner.steps
+
+    @property
+    def tensor_names(self):
+        return [self.alias if n == self.name else n for n in self.inner.tensor_names]
+
+    def shape(self, n):
+        return self.inner.shape(self._real(n))
+
+    def dtype(self, n):
+        return self.inner.dtype(self._real(n))
+
+    def chunk_rows(self, n):
+        return self.inner.chunk_rows(self._real(n))
+
+    def read_block(self, n, steps=None, rows=None, out=None):
+        return self.inner.read_block(self._real(n), steps, rows, out=out)
+
+
+def test_fit_never_crashes_on_a_lone_surrogate_tensor_name(ingested, tmp_path, client):
+    """A name that is not valid UTF-8 once crashed the fit's tasks (UnicodeEncodeError).
+
+    From a source that yields one anyway, the fit either completes or raises one
+    ``PipelineError`` before its folder is created; the null's signs get a key either way.
+    """
+    from pipeline.fit import fit_store, open_fit
+    from pipeline.fit.kernels import sign_key
+
+    _, store, _ = ingested
+    alias = "model.layers.0.mlp.up_proj.\udcff"
+    ref = _RenamingRef(store, "model.layers.0.mlp.up_proj.weight", alias)
+    out = tmp_path / "fit"
+    try:
+        rep = fit_store(store, out, source=ref, client=client, progress=False)
+    except PipelineError as e:
+        assert "UTF-8" in str(e) or "surrogate" in str(e)
+        assert not out.exists()
+    else:
+        fit = open_fit(rep.fit_dir)
+        assert alias in fit
+        shown = [str(t) for t in rep.histograms["moving"].tensor.values]
+        assert "model.layers.0.mlp.up_proj.\\udcff" in shown  # readable, valid UTF-8
+    key = sign_key(0, alias, 1)
+    assert key == sign_key(0, alias, 1) and key != sign_key(0, "up_proj.weight", 1)
 
 
 # -- 7. lesser problems ------------------------------------------------------------------------

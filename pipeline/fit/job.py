@@ -157,6 +157,7 @@ def fit_store(
         dt = src.dtype(name)
         rows = fit_rows(shape, src.chunk_rows(name), logical_dtype(dt).itemsize, block_bytes)
         plans.append(TensorPlan(name, shape, dt, rows))
+        _ = plans[-1].path  # its array key: a name that cannot be one fails before any write
     window = (start, stop)
     done = 0 if full else _can_resume(read_meta(fit_dir), plans, steps, window, seed,
                                       block_bytes, n_bins, keep_state)
