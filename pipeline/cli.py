@@ -143,7 +143,10 @@ def number(value: float | None, what: str, low: float | None = None,
 
 Scheduler = Annotated[
     str | None,
-    typer.Option(help="address of an existing Dask scheduler (default: a LocalCluster)",
+    typer.Option("--cluster", "--scheduler",
+                 help="where Dask work runs: a scheduler address (tcp://host:port), a cluster "
+                 "file (YAML, see docs/clusters.md) or a kind (local, local-cuda); "
+                 "default: a LocalCluster sized to the machine",
                  envvar="DASK_SCHEDULER_ADDRESS"),
 ]
 CatalogOpt = Annotated[

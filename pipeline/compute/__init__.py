@@ -1,0 +1,23 @@
+"""Where work runs: the cluster factory, the executors, and the process-wide thread pool.
+
+``clusters`` turns what the user said (nothing, ``--scheduler ADDRESS``,
+``--cluster FILE``, $DASK_SCHEDULER_ADDRESS) into one Dask client, for every
+job; ``executors`` runs a list of independent tasks on that client, in this
+process (serial, for debugging and tests), or on CUDA workers; ``threads``
+holds the one thread pool that in-process kernels split a block over.
+Kernel modules import none of this: they stay arrays in, arrays out.
+"""
+
+from __future__ import annotations
+
+from pipeline.compute.clusters import (
+    CLUSTER_KINDS,
+    SCHEDULER_ENV,
+    ClusterSpec,
+    cluster_spec,
+    dask_client,
+)
+from pipeline.compute.executors import EXECUTORS, DaskExecutor, Executor, SerialExecutor
+
+__all__ = ["CLUSTER_KINDS", "EXECUTORS", "SCHEDULER_ENV", "ClusterSpec", "DaskExecutor",
+           "Executor", "SerialExecutor", "cluster_spec", "dask_client"]

@@ -1,0 +1,124 @@
+"""The cluster factory and the executors, on real Dask clusters (LocalCluster processes)."""
+
+from __future__ import annotations
+
+import os
+
+import dask
+import distributed  # noqa: F401  (registers its config defaults)
+import pytest
+
+from pipeline.compute import EXECUTORS, SerialExecutor, cluster_spec, dask_client
+from pipeline.compute.executors import DaskExecutor, open_executor
+from pipeline.errors import PipelineError
+
+
+def _square_pid(x: int) -> tuple[int, int]:
+    return x * x, os.getpid()
+
+
+def _fail(x: int) -> int:
+    if x == 3:
+        raise ValueError("task 3 failed")
+    return x
+
+
+def _config_value() -> object:
+    return dask.config.get("distributed.scheduler.allowed-failures")
+
+
+def test_spec_from_value(tmp_path, monkeypatch):
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    assert cluster_spec(None).kind == "local"
+    assert cluster_spec("local", n_workers=3).n_workers == 3
+    s = cluster_spec("tcp://10.0.0.1:8786")
+    assert (s.kind, s.address) == ("address", "tcp://10.0.0.1:8786")
+    assert cluster_spec("10.0.0.1:8786").kind == "address"
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", "tcp://10.0.0.2:1")
+    s = cluster_spec(None)
+    assert (s.kind, s.address, s.origin) == ("address", "tcp://10.0.0.2:1",
+                                             "$DASK_SCHEDULER_ADDRESS")
+    assert cluster_spec("tcp://10.0.0.3:2").address == "tcp://10.0.0.3:2"  # the option wins
+
+
+def test_spec_from_file(tmp_path):
+    f = tmp_path / "cluster.yaml"
+    f.write_text("rlvr-lin:\n  cluster:\n    kind: local\n    n-workers: 3\n"
+                 "    memory-limit: 1GB\ndistributed:\n  scheduler:\n    allowed-failures: 7\n")
+    s = cluster_spec(str(f))
+    assert (s.kind, s.n_workers, s.memory_limit) == ("local", 3, "1GB")
+    assert s.dask_config == {"distributed.scheduler.allowed-failures": 7}
+    assert s.origin == str(f)
+    f.write_text("scheduler-address: tcp://10.0.0.9:8786\n")
+    s = cluster_spec(str(f))
+    assert (s.kind, s.address) == ("address", "tcp://10.0.0.9:8786")
+
+
+@pytest.mark.parametrize("text, words", [
+    ("rlvr-lin: {cluster: {kind: nope}}", "unknown cluster kind 'nope'"),
+    ("rlvr-lin: {cluster: {kind: address}}", "needs an address"),
+    ("rlvr-lin: {cluster: {n-workers: 0}}", "n-workers must be >= 1"),
+    ("rlvr-lin: {cluster: {n-workers: two}}", "n-workers must be an integer"),
+    ("rlvr-lin: [1, 2]", "must be a mapping"),
+    ("- a\n- b\n", "must be a mapping"),
+    ("a: [unclosed\n", "not valid YAML"),
+])
+def test_bad_cluster_file_is_one_line_naming_it(tmp_path, text, words):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(PipelineError) as e:
+        cluster_spec(str(f))
+    msg = str(e.value)
+    assert words in msg and str(f) in msg and "\n" not in msg
+
+
+def test_missing_file_and_nonsense_value(tmp_path):
+    with pytest.raises(PipelineError, match="cluster file not found"):
+        cluster_spec(str(tmp_path / "nope.yaml"))
+    with pytest.raises(PipelineError, match="not a scheduler address"):
+        cluster_spec("definitely-not-a-cluster")
+
+
+def test_cluster_file_starts_a_local_cluster_with_its_dask_config(tmp_path):
+    """The file's worker count and Dask settings reach the real cluster, and only while it lives."""
+    f = tmp_path / "cluster.yaml"
+    f.write_text("rlvr-lin:\n  cluster:\n    n-workers: 1\n    memory-limit: 1GB\n"
+                 "distributed:\n  scheduler:\n    allowed-failures: 7\n")
+    before = dask.config.get("distributed.scheduler.allowed-failures")
+    assert before != 7
+    with dask_client(str(f)) as client:
+        workers = client.scheduler_info()["workers"]
+        assert len(workers) == 1
+        assert next(iter(workers.values()))["memory_limit"] == 10**9
+        assert dask.config.get("distributed.scheduler.allowed-failures") == 7
+        assert client.run_on_scheduler(_config_value) == 7
+    assert dask.config.get("distributed.scheduler.allowed-failures") == before
+
+
+def test_unreachable_scheduler_is_a_clear_error():
+    with pytest.raises(PipelineError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:9"):
+        with dask_client("tcp://127.0.0.1:9"):
+            pass
+
+
+def test_serial_and_dask_executors_agree():
+    tasks = [(i,) for i in range(7)]
+    serial = dict(SerialExecutor().map_unordered(_square_pid, tasks))
+    assert {i: r[0] for i, r in serial.items()} == {i: i * i for i in range(7)}
+    assert {r[1] for r in serial.values()} == {os.getpid()}  # ran here
+    with dask_client(n_workers=2, memory_limit="1GB") as client:
+        got = dict(DaskExecutor(client).map_unordered(_square_pid, tasks, key="sq"))
+        assert {i: r[0] for i, r in got.items()} == {i: i * i for i in range(7)}
+        assert os.getpid() not in {r[1] for r in got.values()}  # ran in worker processes
+        with pytest.raises(ValueError, match="task 3 failed"):
+            list(DaskExecutor(client).map_unordered(_fail, tasks, key="fail"))
+    with pytest.raises(ValueError, match="task 3 failed"):
+        list(SerialExecutor().map_unordered(_fail, tasks))
+
+
+def test_executor_registry():
+    assert {"serial", "dask"} <= set(EXECUTORS)
+    with open_executor("serial") as ex:
+        assert ex.name == "serial"
+    with pytest.raises(PipelineError, match="unknown executor 'warp'"):
+        open_executor("warp")
