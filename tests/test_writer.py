@@ -100,7 +100,7 @@ def test_parse_size(text, n):
     assert parse_size(text) == n
 
 
-@pytest.mark.parametrize("text", ["", "abc", "0", "-5MB", "5XB"])
+@pytest.mark.parametrize("text", ["", " ", "abc", "0", "-5MB", "5XB", "1e400GB", True])
 def test_parse_size_rejects_junk(text):
     with pytest.raises(PipelineError):
         parse_size(text)

@@ -16,7 +16,6 @@ everything fits) so ``transformers`` and vLLM load the folder as-is.
 from __future__ import annotations
 
 import json
-import re
 import struct
 import sys
 from collections.abc import Iterable, Mapping
@@ -63,21 +62,21 @@ def safetensors_dtype(dtype: np.dtype | type | str) -> str:
     return _DTYPE_CODES[dt]
 
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
 def parse_size(size: str | int) -> int:
-    """Bytes in ``"5GB"``/``"200KB"``/``"1GiB"``/``1234`` (decimal units, like transformers)."""
-    if isinstance(size, int):
-        if size <= 0:
-            raise PipelineError(f"shard size must be positive, got {size}")
-        return size
-    m = _SIZE_RE.match(size)
-    if not m:
-        raise PipelineError(f"cannot read size {size!r} (expected e.g. 5GB, 200MB, 1GiB)")
-    n = int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
+    """Bytes in ``"5GB"``/``"200KB"``/``"1GiB"``/``1234``, as Dask reads sizes (decimal units).
+
+    ``dask.utils.parse_bytes`` does the parsing (one size syntax for shards,
+    memory limits and block sizes); this only turns its errors into one line.
+    """
+    from dask.utils import parse_bytes
+
+    if isinstance(size, bool) or (isinstance(size, str) and not size.strip()):
+        raise PipelineError(f"shard size must be a size such as 5GB, got {size!r}")
+    try:
+        n = parse_bytes(size)
+    except (ValueError, TypeError, OverflowError):
+        raise PipelineError(f"cannot read size {size!r} (expected e.g. 5GB, 200MB, 1GiB)"
+                            ) from None
     if n <= 0:
         raise PipelineError(f"shard size must be positive, got {size!r}")
     return n

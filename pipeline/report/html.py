@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.console import progress_bar
 from pipeline.errors import PipelineError, check_output
 from pipeline.fit.histograms import summary_frames
 from pipeline.fit.names import display_name
@@ -101,8 +102,6 @@ def write_report(store: str | Path, fit_dir: str | Path, out: str | Path, *,
     ``extra_images`` are (title, PNG path) pairs made by other stages (the
     backtest), embedded after the fit's own figures so the page stays one file.
     """
-    from tqdm.auto import tqdm
-
     fit = FitResult(fit_dir)
     check_report_out(store, fit_dir, out)
     selection = "paper" if paper_filters else "moving"
@@ -122,7 +121,7 @@ def write_report(store: str | Path, fit_dir: str | Path, out: str | Path, *,
     ]
     jobs += [(title, lambda p=png, t=title: _img(Path(p).read_bytes(), t))
              for title, png in extra_images]
-    for title, make in tqdm(jobs, desc="report", leave=False):
+    for title, make in progress_bar(desc="report", iterable=jobs):
         sections.append(f"<h2>{html.escape(title)}</h2>\n{make()}")
     tot = frames["overall"].iloc[0]
     lead = (f"{int(tot.n_selected):,} of {int(tot.n_elements):,} elements "

@@ -1,4 +1,4 @@
-"""Figures of the fit report (matplotlib, Agg): each function returns PNG bytes.
+"""Figures of the fit report (matplotlib): each function returns PNG bytes.
 
 They take the histogram Datasets from ``pipeline.fit.histograms`` and a few
 raw trajectories; nothing here computes R² (that is ``pipeline.fit.kernels``).
@@ -9,25 +9,32 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-import matplotlib
+import numpy as np
+import xarray as xr
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import xarray as xr  # noqa: E402
-
-from pipeline.fit.histograms import by_layer_module, overall  # noqa: E402
-from pipeline.fit.kernels import hist_median  # noqa: E402
-from pipeline.fit.names import NO_LAYER, module_rank  # noqa: E402
+from pipeline.fit.histograms import by_layer_module, overall
+from pipeline.fit.kernels import hist_median
+from pipeline.fit.names import NO_LAYER, module_rank
 
 REAL = "#0072B2"
 NULL = "#D55E00"
 
 
-def _png(fig: plt.Figure) -> bytes:
+def subplots(rows: int = 1, cols: int = 1, **kw: object) -> tuple[Figure, object]:
+    """A figure and its axes without pyplot: no global backend is chosen or changed.
+
+    ``matplotlib.use`` at import time would override the user's backend in
+    their notebook; a bare ``Figure`` renders PNG through Agg on its own.
+    """
+    fig = Figure(figsize=kw.pop("figsize", None))  # type: ignore[arg-type]
+    return fig, fig.subplots(rows, cols, **kw)  # type: ignore[arg-type]
+
+
+def png(fig: Figure) -> bytes:
+    """The figure as PNG bytes."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return buf.getvalue()
 
 
@@ -37,7 +44,7 @@ def r2_histogram(ds: xr.Dataset) -> bytes:
     lo, hi = ds.bin_lo.values, ds.bin_hi.values
     width = hi - lo
     n = max(int(tot.n_selected), 1)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = subplots(figsize=(7, 4))
     real = np.asarray(tot["count"]) / n / width
     null = np.asarray(tot["null_count"]) / n / width
     ax.bar(lo, real, width=width, align="edge", color=REAL, alpha=0.75,
@@ -51,7 +58,7 @@ def r2_histogram(ds: xr.Dataset) -> bytes:
     ax.set_title(f"{int(tot.n_selected):,} elements ({ds.attrs.get('selection', '')}); "
                  f"{int(tot.n_static):,} static not shown")
     ax.legend(loc="upper left", frameon=False)
-    return _png(fig)
+    return png(fig)
 
 
 def layer_module_heatmap(ds: xr.Dataset) -> bytes:
@@ -64,7 +71,7 @@ def layer_module_heatmap(ds: xr.Dataset) -> bytes:
         g = lm.isel(group=i)
         grid[modules.index(str(g.module.values)), layers.index(int(g.layer))] = hist_median(
             np.asarray(g["count"]))
-    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(layers) + 3), max(3, 0.35 * len(modules)
+    fig, ax = subplots(figsize=(max(5, 0.45 * len(layers) + 3), max(3, 0.35 * len(modules)
                                                                         + 1.5)))
     im = ax.imshow(np.ma.masked_invalid(grid), cmap="Blues", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(layers)), [str(v) if v != NO_LAYER else "-" for v in layers])
@@ -77,7 +84,7 @@ def layer_module_heatmap(ds: xr.Dataset) -> bytes:
                         color="white" if v > 0.6 else "black")
     fig.colorbar(im, ax=ax, label="median R²")
     ax.set_title("median R² by layer x module")
-    return _png(fig)
+    return png(fig)
 
 
 def static_fractions(ds: xr.Dataset, max_rows: int = 120) -> bytes:
@@ -90,7 +97,7 @@ def static_fractions(ds: xr.Dataset, max_rows: int = 120) -> bytes:
         labels = [f"L{int(a)} {m}" if int(a) != NO_LAYER else str(m)
                   for a, m in zip(lm.layer.values, lm.module.values, strict=True)]
         frac = np.asarray(lm.n_static) / np.maximum(np.asarray(lm.n_elements), 1)
-    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.18 * len(labels) + 1)))
+    fig, ax = subplots(figsize=(7, max(2.5, 0.18 * len(labels) + 1)))
     y = np.arange(len(labels))
     ax.barh(y, frac, color=REAL)
     ax.set_yticks(y, labels, fontsize=7)
@@ -98,7 +105,7 @@ def static_fractions(ds: xr.Dataset, max_rows: int = 120) -> bytes:
     ax.set_xlim(0, max(0.05, float(frac.max(initial=0)) * 1.1))
     ax.set_xlabel("static fraction (never changed in the window)")
     ax.set_title("static elements per tensor")
-    return _png(fig)
+    return png(fig)
 
 
 @dataclass(frozen=True)
@@ -120,7 +127,7 @@ def trajectories(samples: list[Trajectory]) -> bytes:
     n = max(1, len(samples))
     cols = min(3, n)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    fig, axes = subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
     for ax in axes.ravel()[len(samples):]:
         ax.axis("off")
     for ax, t in zip(axes.ravel(), samples, strict=False):
@@ -135,4 +142,4 @@ def trajectories(samples: list[Trajectory]) -> bytes:
     axes.ravel()[0].legend(fontsize=7, frameon=False)
     fig.supxlabel("training step")
     fig.tight_layout()
-    return _png(fig)
+    return png(fig)

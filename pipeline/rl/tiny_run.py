@@ -83,9 +83,9 @@ def _warm_start(model, tokenizer, train: list[Problem], cfg: TinyRunConfig,
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
     model.train()
     eos = tokenizer.eos_token
-    from tqdm.auto import trange
+    from pipeline.console import progress_bar
 
-    for _ in trange(cfg.sft_steps, desc="warm start", disable=not progress, leave=False):
+    for _ in progress_bar(desc="warm start", enabled=progress, iterable=range(cfg.sft_steps)):
         idx = torch.randint(len(train), (cfg.sft_batch,), generator=gen).tolist()
         texts = [train[i].prompt + train[i].answer + eos for i in idx]
         enc = tokenizer(texts, return_tensors="pt", padding=True)
@@ -130,14 +130,20 @@ def make_tiny_run(
     progress: bool = True,
 ) -> Path:
     """Train the run into ``out`` (``global_step_N/`` folders + metrics.json)."""
+    with warnings.catch_warnings():  # the caller's filters are restored afterwards
+        # TRL calls transformers APIs that warn about their own renames: not the user's concern
+        warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+        return _train(out, cfg, log, progress)
+
+
+def _train(out: str | Path, cfg: TinyRunConfig | None, log: Callable[[str], None],
+           progress: bool) -> Path:
     import transformers
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     transformers.utils.logging.disable_progress_bar()
-    # TRL calls transformers APIs that warn about their own renames: not the user's concern
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     transformers.utils.logging.set_verbosity_error()
     cfg = cfg or TinyRunConfig()
     out = Path(out)
@@ -210,9 +216,9 @@ def make_tiny_run(
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
-    from tqdm.auto import tqdm
+    from pipeline.console import progress_bar
 
-    bar = tqdm(total=cfg.rl_steps, desc="GRPO", unit="step", disable=not progress, leave=False)
+    bar = progress_bar(cfg.rl_steps, "GRPO", unit="step", enabled=progress)
     with bar:
         trainer.train()
     shutil.rmtree(out / ".trainer", ignore_errors=True)
