@@ -120,3 +120,45 @@ def lookup(name: str, path: str | Path | None = None) -> RunEntry:
 def is_catalog_name(arg: str) -> bool:
     """A bare word that is not an existing path is read as a catalog entry name."""
     return not Path(arg).exists() and "/" not in arg and os.sep not in arg
+
+
+class Target:
+    """What a command's RUN/STORE/SOURCE argument names: a catalog entry, or a path as given.
+
+    Commands ask it for the folder they need (``checkpoints``, ``store``,
+    ``output("fit")``) instead of testing ``is_catalog_name`` themselves, so
+    a name means the same folders to every command.
+    """
+
+    def __init__(self, arg: str | Path, entry: RunEntry | None) -> None:
+        self.arg = str(arg)
+        self.entry = entry
+
+    @property
+    def path(self) -> Path:
+        return Path(self.arg)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.entry.checkpoints if self.entry else self.path
+
+    @property
+    def store(self) -> Path:
+        return self.entry.store if self.entry else self.path
+
+    @property
+    def step_pattern(self) -> str | None:
+        return self.entry.step_pattern if self.entry else None
+
+    def output(self, what: str, default: str | Path | None = None) -> Path | None:
+        """``outputs/<what>`` of a catalog entry; ``default`` for a plain path."""
+        if self.entry is not None:
+            return self.entry.outputs / what
+        return None if default is None else Path(default)
+
+
+def resolve(arg: str | Path, catalog: str | Path | None = None) -> Target:
+    """``arg`` as a catalog entry when it is a bare name that is not a path, else as a path."""
+    if isinstance(arg, str) and is_catalog_name(arg):
+        return Target(arg, lookup(arg, catalog))
+    return Target(arg, None)

@@ -266,17 +266,17 @@ def ingest_cmd(
     """Ingest a run's checkpoints into its step-indexed zarr store (resumable, append-only)."""
     import warnings
 
-    from pipeline.catalog import is_catalog_name, lookup
+    from pipeline.catalog import resolve
     from pipeline.store.ingest import ingest
 
     number(poll, "--poll", 0.0, low_open=True)
     number(settle, "--settle", 0.0)
     number(max_idle, "--max-idle", 0.0)
-    run_dir, pattern, fit_out = Path(run), step_pattern, None
-    if is_catalog_name(run):
-        entry = lookup(run, catalog)
-        run_dir, store = entry.checkpoints, store or entry.store
-        pattern, fit_out = pattern or entry.step_pattern, entry.outputs / "fit"
+    target = resolve(run, catalog)
+    run_dir, pattern, fit_out = target.checkpoints, step_pattern or target.step_pattern, \
+        target.output("fit")
+    if store is None and target.entry is not None:
+        store = target.store
     if store is None:
         raise PipelineError("--store is required when RUN is a path", run_dir)
     writing(store)
@@ -305,12 +305,10 @@ def ingest_cmd(
 
 def _store_and_outputs(target: str, catalog: Path | None) -> tuple[Path, Path | None]:
     """STORE path, or a catalog name -> (its store, its outputs folder)."""
-    from pipeline.catalog import is_catalog_name, lookup
+    from pipeline.catalog import resolve
 
-    if is_catalog_name(target):
-        entry = lookup(target, catalog)
-        return entry.store, entry.outputs
-    return Path(target), None
+    t = resolve(target, catalog)
+    return t.store, (t.entry.outputs if t.entry else None)
 
 
 def block_size(block_mb: float) -> int:
