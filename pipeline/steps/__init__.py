@@ -1,0 +1,1 @@
+"""Things indexed by training step: the generic append-only step store (``store``)."""

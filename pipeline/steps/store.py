@@ -1,0 +1,251 @@
+"""A generic append-only step store (zarr v3): arrays indexed by training step on axis 0.
+
+::
+
+    X.zarr/
+      zarr.json        root attrs[ATTRS_KEY]: kind ("weights", "logprobs", ...), schema,
+                       the array table (name -> path, dtype, shape) and the caller's attrs
+      step/            int64 (n,), chunks (1,), fill -1: step[i] is written LAST for
+                       position i, so it is the commit marker; readers see the prefix of
+                       positions whose marker is set, never a half-written step
+      records/<i>/     write-once group per position (the caller's record of that step)
+      arrays/<path>/   (n, *shape), chunks (1, ...): a step only writes its own chunks
+
+Writers append: ``begin(step)`` checks the step is later than every
+committed one and gives every array room for it (idempotent, so a writer
+that died mid-step resumes at the same position and overwrites its partial
+chunks); ``write`` fills that position; ``commit`` writes the record and then
+the marker. The weight store and the token log-prob store are both this,
+with their own arrays and encodings; nothing here knows what a weight is.
+The caller holds whatever lock keeps two writers apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from pipeline.errors import PipelineError
+from pipeline.store.naming import check_names
+
+ATTRS_KEY = "rlvr_lin_steps"
+SCHEMA_VERSION = 1
+STEP_ARRAY = "step"
+RECORDS_GROUP = "records"
+ARRAYS_GROUP = "arrays"
+NOT_COMMITTED = -1
+
+
+def record_path(index: int) -> str:
+    return f"{RECORDS_GROUP}/{index:08d}"
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One step-indexed array: its per-step shape and dtype, and how a step is chunked."""
+
+    shape: tuple[int, ...]
+    dtype: str  # a numpy dtype name; zarr has no bfloat16, so bf16 is stored as uint16 bits
+    chunk: tuple[int, ...] | None = None  # per-step chunk (default: the whole step)
+    compressors: Any = "auto"  # zarr's compressors argument
+    fill_value: Any = 0
+    attrs: Mapping[str, Any] = field(default_factory=dict)
+
+    def chunks(self) -> tuple[int, ...]:
+        inner = self.chunk if self.chunk is not None else self.shape
+        return (1, *(max(1, min(c, s)) for c, s in zip(inner, self.shape, strict=True)))
+
+
+class StepStore:
+    """Open store: committed steps, reads, and (for the one writer) begin / write / commit."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.refresh()
+
+    # -- creating and opening ----------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str | Path, kind: str, arrays: Mapping[str, ArraySpec],
+               attrs: Mapping[str, Any] | None = None) -> StepStore:
+        """Lay out an empty store; refused where a store with committed steps exists."""
+        path = Path(path)
+        if (path / "zarr.json").exists():
+            existing = cls(path)  # not a step store: refused here, before anything is removed
+            if existing.steps:
+                raise PipelineError(f"already holds {len(existing.steps)} committed steps; "
+                                    f"refusing to lay it out again", path)
+        elif path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise PipelineError("exists and is not a step store; choose an empty folder", path)
+        paths = check_names(sorted(arrays))
+        s = str(path)
+        root = zarr.open_group(s, mode="w")
+        root.attrs.put({ATTRS_KEY: {
+            "schema_version": SCHEMA_VERSION, "kind": kind,
+            "arrays": {n: {"path": paths[n], "dtype": a.dtype, "shape": list(a.shape)}
+                       for n, a in sorted(arrays.items())},
+            "attrs": dict(attrs or {})}})
+        root.create_group(RECORDS_GROUP)
+        root.create_group(ARRAYS_GROUP)
+        zarr.create_array(s, name=STEP_ARRAY, shape=(0,), dtype="int64", chunks=(1,),
+                          fill_value=NOT_COMMITTED, compressors=None, dimension_names=["step"])
+        for name, a in arrays.items():
+            zarr.create_array(s, name=f"{ARRAYS_GROUP}/{paths[name]}", shape=(0, *a.shape),
+                              dtype=a.dtype, chunks=a.chunks(), fill_value=a.fill_value,
+                              compressors=a.compressors, attributes={"name": name, **a.attrs},
+                              dimension_names=["step", *(f"dim_{i}" for i in range(len(a.shape)))])
+        return cls(path)
+
+    @classmethod
+    def open(cls, path: str | Path, kind: str | None = None) -> StepStore:
+        """An existing store (of ``kind``, when given), with a one-line error otherwise."""
+        st = cls(path)
+        if kind is not None and st.kind != kind:
+            raise PipelineError(f"is a {st.kind!r} step store, not {kind!r}", path)
+        return st
+
+    def refresh(self) -> StepStore:
+        """Re-read the table and which steps are committed (steps are only ever appended)."""
+        p = self.path
+        if not (p / "zarr.json").exists():
+            raise PipelineError("not a step store (no zarr.json)", p)
+        try:
+            meta = zarr.open_group(str(p), mode="r").attrs.get(ATTRS_KEY)
+        except Exception as e:  # zarr raises several types for damaged metadata
+            raise PipelineError(f"cannot open step store: {e}", p) from None
+        if not isinstance(meta, dict) or meta.get("schema_version") != SCHEMA_VERSION:
+            raise PipelineError(f"not a step store of schema {SCHEMA_VERSION}", p)
+        self._meta = meta
+        self._arrays: dict[tuple[str, str], zarr.Array] = {}
+        marker = zarr.open_array(str(p), path=STEP_ARRAY, mode="r")
+        vals = np.asarray(marker[:])
+        missing = np.flatnonzero(vals == NOT_COMMITTED)
+        n = int(missing[0]) if missing.size else vals.size
+        self._steps = [int(v) for v in vals[:n]]
+        self._positions = int(vals.size)
+        return self
+
+    # -- what is there -----------------------------------------------------------------------
+
+    @property
+    def kind(self) -> str:
+        return str(self._meta["kind"])
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self._meta.get("attrs", {}))
+
+    @property
+    def steps(self) -> list[int]:
+        """Committed steps, strictly increasing; position i holds ``steps[i]``."""
+        return list(self._steps)
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._meta["arrays"])
+
+    def spec(self, name: str) -> dict[str, Any]:
+        try:
+            return self._meta["arrays"][name]
+        except KeyError:
+            raise PipelineError(f"no array {name!r} in the step store", self.path) from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.spec(name)["shape"])
+
+    def dtype(self, name: str) -> np.dtype:
+        return np.dtype(self.spec(name)["dtype"])
+
+    def record(self, index: int) -> dict[str, Any]:
+        return dict(zarr.open_group(str(self.path), path=record_path(index), mode="r").attrs)
+
+    def array(self, name: str, mode: str = "r") -> zarr.Array:
+        arr = self._arrays.get((name, mode))
+        if arr is None:
+            arr = zarr.open_array(str(self.path), path=f"{ARRAYS_GROUP}/{self.spec(name)['path']}",
+                                  mode=mode)
+            self._arrays[(name, mode)] = arr
+        return arr
+
+    def read(self, name: str, positions: slice | Sequence[int] | None = None,
+             rows: slice | None = None) -> np.ndarray:
+        """Committed positions of one array as (k, *shape) (``rows`` slices axis 1)."""
+        n = len(self._steps)
+        if positions is None:
+            positions = slice(0, n)
+        if isinstance(positions, slice):
+            start, stop, stride = positions.indices(n)
+            idx: Any = slice(start, stop, stride)
+        else:
+            idx = [int(i) for i in positions]
+            bad = [i for i in idx if not 0 <= i < n]
+            if bad:
+                raise PipelineError(f"positions {bad} are not committed (the store has {n})",
+                                    self.path)
+        sel = (idx,) if rows is None or not self.shape(name) else (idx, rows)
+        return np.asarray(self.array(name).get_orthogonal_selection(sel)
+                          if not isinstance(idx, slice) else self.array(name)[sel])
+
+    # -- appending (one writer at a time) ----------------------------------------------------
+
+    def begin(self, step: int) -> int:
+        """The position ``step`` goes to, with room made in every array (idempotent)."""
+        step = int(step)
+        if self._steps and step <= self._steps[-1]:
+            raise PipelineError(f"step {step} is not after the last committed step "
+                                f"{self._steps[-1]} (steps are append-only)", self.path)
+        index = len(self._steps)
+        s = str(self.path)
+        if self._positions != index + 1:
+            zarr.open_array(s, path=STEP_ARRAY, mode="r+").resize((index + 1,))
+            for name in self.names:
+                arr = self.array(name, "r+")
+                arr.resize((index + 1, *self.shape(name)))
+            self._positions = index + 1
+        return index
+
+    def write(self, name: str, index: int, value: np.ndarray, rows: slice | None = None) -> None:
+        """Fill position ``index`` (or rows of it) of one array; only that step's chunks."""
+        if index != len(self._steps) or index >= self._positions:
+            raise PipelineError(f"position {index} is not the one being appended "
+                                f"(call begin first)", self.path)
+        value = np.asarray(value)
+        want = self.shape(name) if rows is None else (
+            len(range(*rows.indices(self.shape(name)[0]))), *self.shape(name)[1:])
+        if tuple(value.shape) != tuple(want):
+            raise PipelineError(f"{name}: a step of shape {tuple(value.shape)} where the store "
+                                f"holds {tuple(want)}", self.path)
+        arr = self.array(name, "r+")
+        if rows is None:
+            arr[index] = value
+        else:
+            arr[(index, rows)] = value
+
+    def commit(self, index: int, step: int, record: Mapping[str, Any] | None = None) -> None:
+        """The record, then the marker: from here on readers see the step."""
+        if index != len(self._steps):
+            raise PipelineError(f"position {index} is not the one being appended", self.path)
+        s = str(self.path)
+        zarr.create_group(s, path=record_path(index), overwrite=True,
+                          attributes={"step": int(step), **dict(record or {})})
+        zarr.open_array(s, path=STEP_ARRAY, mode="r+")[index] = int(step)
+        self._steps.append(int(step))
+
+    def append(self, step: int, values: Mapping[str, np.ndarray],
+               record: Mapping[str, Any] | None = None) -> int:
+        """``begin`` + every array's ``write`` + ``commit``, for writers with a step in memory."""
+        missing = sorted(set(self.names) - set(values))
+        extra = sorted(set(values) - set(self.names))
+        if missing or extra:
+            raise PipelineError(f"step {step}: missing arrays {missing}, unknown {extra}",
+                                self.path)
+        index = self.begin(step)
+        for name, v in values.items():
+            self.write(name, index, v)
+        self.commit(index, step, record)
+        return index
