@@ -228,7 +228,8 @@ def _pickled_dtype(name: str, t: object, f: Path) -> str:
     """Logical dtype name of a pickled tensor; those a safetensors file could not hold fail."""
     import torch
 
-    assert isinstance(t, torch.Tensor)
+    if not isinstance(t, torch.Tensor):  # _validate_pickle refuses these first; never trust it
+        raise PipelineError(f"pickle entry {short(name)} is not a tensor ({type(t).__name__})", f)
     dtype = str(t.dtype).removeprefix("torch.")
     if t.layout != torch.strided or t.is_quantized:
         raise PipelineError(f"tensor {short(name)} is {t.layout} / quantized; only dense "
