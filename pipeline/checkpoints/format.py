@@ -20,42 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
+# dtypes live in pipeline.dtypes; these names stay importable from here
+from pipeline.dtypes import ST_DTYPES, bits_dtype, logical_dtype  # noqa: F401
 from pipeline.errors import PipelineError
 
-# safetensors dtype code -> (logical numpy dtype name, itemsize)
-ST_DTYPES: dict[str, str] = {
-    "BF16": "bfloat16",
-    "F16": "float16",
-    "F32": "float32",
-    "F64": "float64",
-    "I8": "int8",
-    "I16": "int16",
-    "I32": "int32",
-    "I64": "int64",
-    "U8": "uint8",
-    "U16": "uint16",
-    "U32": "uint32",
-    "U64": "uint64",
-    "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-}
 MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
-
-
-def logical_dtype(name: str) -> np.dtype:
-    """The numpy dtype for a logical dtype name (``bfloat16`` comes from ml_dtypes)."""
-    if hasattr(ml_dtypes, name) and name.startswith(("bfloat", "float8")):
-        return np.dtype(getattr(ml_dtypes, name))
-    return np.dtype(name)
-
-
-def bits_dtype(name: str) -> np.dtype:
-    """Unsigned little-endian integer of the same width: how a dtype is stored bit-exactly."""
-    return np.dtype(f"<u{logical_dtype(name).itemsize}")
 
 
 @dataclass(frozen=True)

@@ -24,42 +24,20 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
-import ml_dtypes
 import numpy as np
 
+from pipeline.dtypes import safetensors_code
 from pipeline.errors import PipelineError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
-# numpy (and ml_dtypes) dtype -> safetensors dtype code
-_DTYPE_CODES: dict[np.dtype, str] = {
-    np.dtype(np.float64): "F64",
-    np.dtype(np.float32): "F32",
-    np.dtype(np.float16): "F16",
-    np.dtype(ml_dtypes.bfloat16): "BF16",
-    np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3",
-    np.dtype(ml_dtypes.float8_e5m2): "F8_E5M2",
-    np.dtype(np.int64): "I64",
-    np.dtype(np.int32): "I32",
-    np.dtype(np.int16): "I16",
-    np.dtype(np.int8): "I8",
-    np.dtype(np.uint64): "U64",
-    np.dtype(np.uint32): "U32",
-    np.dtype(np.uint16): "U16",
-    np.dtype(np.uint8): "U8",
-    np.dtype(np.bool_): "BOOL",
-}
-
-
 def safetensors_dtype(dtype: np.dtype | type | str) -> str:
     """The safetensors code of a numpy/ml_dtypes dtype (``bfloat16`` -> ``BF16``)."""
-    if isinstance(dtype, str) and dtype == "bfloat16":
-        dtype = ml_dtypes.bfloat16
-    dt = np.dtype(dtype)
-    if dt not in _DTYPE_CODES:
-        raise PipelineError(f"dtype {dt} cannot be written to safetensors")
-    return _DTYPE_CODES[dt]
+    code = safetensors_code(dtype)
+    if code is None:
+        raise PipelineError(f"dtype {dtype} cannot be written to safetensors")
+    return code
 
 
 def parse_size(size: str | int) -> int:
