@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -177,3 +178,14 @@ def test_every_registered_method_round_trips_through_export(name, tiny_run_fp32,
                          spec.target, spec.alpha)
     want = K.round_to(m.predict(block, spec.param_values), vec.out_dtype)
     np.testing.assert_array_equal(got[vec.name], want, err_msg=vec.name)
+
+
+def test_register_refuses_a_duplicate_name_or_an_unknown_step_rule():
+    m = M.get(M.DEFAULT_METHOD)
+    with pytest.raises(ValueError, match="already registered"):
+        M.register(m)
+    with pytest.raises(ValueError, match="step_rule"):
+        M.register(replace(m, name=m.name + "-copy", step_rule="triple"))  # type: ignore[arg-type]
+    assert m.name + "-copy" not in M.names()
+    with pytest.raises(PipelineError, match="unknown method"):
+        M.get(m.name + "-copy")

@@ -109,7 +109,7 @@ def alpha_sweep(
             kw = {**m.typical_params(), **m.select(given), "allow_interpolation": True}
             for a in alphas:
                 target = t0 + a * (t1 - t0)
-                if m.steps == "pair":
+                if m.step_rule == "pair":
                     spec = make_spec(src, m.name, alpha=a, steps=[t0, t1], **kw)
                 else:
                     spec = make_spec(src, m.name, to=target, steps=window, **kw)

@@ -107,7 +107,7 @@ def plan_cases(
         for t in later:
             cases.append(Case(NO_CHANGE, (c,), t))
             for m in chosen:
-                for used in (pairs if m.steps == "pair" else [tuple(known)]):
+                for used in (pairs if m.step_rule == "pair" else [tuple(known)]):
                     cases += [Case(m.name, used, t, params) for params in grids[m.name]]
     return cases
 

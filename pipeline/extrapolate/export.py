@@ -88,13 +88,13 @@ def make_spec(
     values = m.check_params(params)
     if window is not None:
         check_int(window, "--window", 2)
-        if m.steps == "pair":
+        if m.step_rule == "pair":
             raise PipelineError(f"--window only applies to --method "
                                 f"{', '.join(M.with_steps('window'))}")
     used = m.choose_steps(source.steps, steps, window)
     common: dict[str, Any] = {"params": tuple(values.items()), "include": tuple(include),
                               "exclude": tuple(exclude)}
-    if m.steps == "pair":
+    if m.step_rule == "pair":
         a, target = resolve_alpha(used[0], used[1], to, alpha, allow_interpolation)
         return ExtrapolationSpec(m.name, tuple(used), target, alpha=a, **common)
     if (to is None) == (alpha is None):

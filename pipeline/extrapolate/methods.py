@@ -107,7 +107,7 @@ class Method:
 
     name: str
     summary: str
-    steps: StepRule
+    step_rule: StepRule  # "pair": two endpoints t0, t1; "window": every step of a window
     predict: Callable[[BlockInput, Params], np.ndarray]
     params: tuple[Param, ...] = ()
     needs_fit: bool = False  # uses the per-element least-squares fit (slope, R²)
@@ -126,13 +126,13 @@ class Method:
                      window: int | None = None) -> list[int]:
         from pipeline.extrapolate.plan import choose_steps
 
-        return choose_steps(available, wanted, self.steps, self.name, window)
+        return choose_steps(available, wanted, self.step_rule, self.name, window)
 
     def steps_option(self, available: Sequence[int], lo: int, hi: int) -> list[int]:
         """``--steps LO HI``: the two steps of a pair method, the stored range of a window one."""
         from pipeline.extrapolate.plan import steps_in_range
 
-        if self.steps == "pair":
+        if self.step_rule == "pair":
             return [lo, hi]
         return steps_in_range(available, lo, hi, self.name)
 
@@ -170,7 +170,7 @@ class Method:
             return f"{self.name}({shown})"
         if used is None:
             return self.name
-        if self.steps == "pair":
+        if self.step_rule == "pair":
             return f"{self.name}(t0={used[0]})"
         return f"{self.name}({len(used)} steps)"
 
@@ -182,8 +182,8 @@ def register(method: Method) -> Method:
     """Add a method (its name must be new); returns it, so it can decorate a definition."""
     if method.name in _REGISTRY:
         raise ValueError(f"method {method.name!r} is already registered")
-    if method.steps not in ("pair", "window"):
-        raise ValueError(f"method {method.name!r}: steps must be 'pair' or 'window'")
+    if method.step_rule not in ("pair", "window"):
+        raise ValueError(f"method {method.name!r}: step_rule must be 'pair' or 'window'")
     _REGISTRY[method.name] = method
     return method
 
@@ -227,7 +227,7 @@ def takers(key: str) -> tuple[str, ...]:
 
 def with_steps(rule: StepRule) -> tuple[str, ...]:
     """Names of the methods that pick their steps by ``rule`` (for errors and help texts)."""
-    return tuple(m.name for m in _REGISTRY.values() if m.steps == rule)
+    return tuple(m.name for m in _REGISTRY.values() if m.step_rule == rule)
 
 
 def not_applicable(key: str) -> PipelineError:
