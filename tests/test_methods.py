@@ -189,3 +189,16 @@ def test_register_refuses_a_duplicate_name_or_an_unknown_step_rule():
     assert m.name + "-copy" not in M.names()
     with pytest.raises(PipelineError, match="unknown method"):
         M.get(m.name + "-copy")
+
+
+def test_backtest_plan_refuses_a_parameter_without_values(damped):
+    bare = replace(damped, name="damped-bare",
+                   params=(replace(damped.params[0], sweep=(), typical=None),))
+    M.register(bare)
+    try:
+        with pytest.raises(PipelineError, match="--method damped-bare needs --damp"):
+            plan_cases(STEPS, methods=[bare.name])
+        cases = plan_cases(STEPS, methods=[bare.name], sweep={"damp": [0.25]})
+        assert {c.label for c in cases} == {NO_CHANGE, "damped-bare(damp=0.25)"}
+    finally:
+        M.unregister(bare.name)

@@ -106,13 +106,15 @@ def alpha_sweep(
     window = [s for s in steps if t0 <= s <= t1]
     with tempfile.TemporaryDirectory(prefix="alpha-sweep-") as tmp:
         for m in chosen:
-            kw = {**m.typical_params(), **m.select(given), "allow_interpolation": True}
+            kw = {**m.typical_params(), **m.select(given)}
             for a in alphas:
                 target = t0 + a * (t1 - t0)
                 if m.step_rule == "pair":
-                    spec = make_spec(src, m.name, alpha=a, steps=[t0, t1], **kw)
+                    spec = make_spec(src, m.name, alpha=a, steps=[t0, t1],
+                                     allow_interpolation=True, **kw)
                 else:
-                    spec = make_spec(src, m.name, to=target, steps=window, **kw)
+                    spec = make_spec(src, m.name, to=target, steps=window,
+                                     allow_interpolation=True, **kw)
                 out = Path(tmp) / f"{m.name}-{a:g}"
                 export(src, out, spec)
                 acc = score_folder(out, problems)

@@ -127,7 +127,10 @@ def _param_grids(chosen: Sequence[M.Method], sweep: Mapping[str, Sequence[float]
     for m in chosen:
         axes = []
         for p in m.params:
-            values = list(sweep.get(p.name, p.sweep or (p.typical,)))
+            values = sweep.get(p.name) or p.sweep or (
+                () if p.typical is None else (p.typical,))
+            if not values:
+                raise PipelineError(f"--method {m.name} needs {p.option}")
             axes.append([(p.name, p.check(v)) for v in values])
         grids[m.name] = [tuple(combo) for combo in itertools.product(*axes)]
     return grids
