@@ -18,6 +18,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from pipeline.errors import PipelineError, check_int, check_number, check_output
+from pipeline.extrapolate import methods as registry
 
 app = typer.Typer(
     add_completion=False,
@@ -27,6 +28,13 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+# --method's choices: the names in the methods registry when the app is built
+MethodName = registry.name_enum()
+METHOD_HELP = "; ".join(f"{m.name}: {m.summary}" for m in registry.methods())
+PAIR = "/".join(registry.with_steps("pair"))  # help texts name the methods an option is for
+WINDOW = "/".join(registry.with_steps("window"))
+GATED = "/".join(registry.takers("r2_min"))
+SWEPT = ", ".join(f"{v:g}" for v in registry.param("r2_min").sweep)
 
 
 DEBUG_ENV = "RLVR_LIN_DEBUG"  # set to 1: internal errors also print their traceback
@@ -418,21 +426,24 @@ def extrapolate_cmd(
     ] = None,
     out: Annotated[Path | None, typer.Option(help="output model folder (must not exist)")] = None,
     to: Annotated[float | None, typer.Option(help="target training step")] = None,
-    method: Annotated[str, typer.Option(help="two-point, lstsq, gated or rank1")] = "two-point",
+    method: Annotated[
+        MethodName,  # type: ignore[valid-type]
+        typer.Option(help=METHOD_HELP),
+    ] = MethodName(registry.DEFAULT_METHOD),
     alpha: Annotated[
-        float | None, typer.Option(help="two-point: Eq. 2's alpha instead of --to")
+        float | None, typer.Option(help=f"{PAIR}: Eq. 2's alpha instead of --to")
     ] = None,
     steps: Annotated[
         tuple[int, int] | None,
-        typer.Option(help="two-point: the two stored steps T0 T1; lstsq/gated/rank1: a range, "
+        typer.Option(help=f"{PAIR}: the two stored steps T0 T1; {WINDOW}: a range, "
                      "every stored step with T0 <= step <= T1 (T0 and T1 need not be stored; "
                      "default: first and last / all)"),
     ] = None,
     window: Annotated[
-        int | None, typer.Option(help="lstsq/gated/rank1: use only the last N stored steps")
+        int | None, typer.Option(help=f"{WINDOW}: use only the last N stored steps")
     ] = None,
     r2_min: Annotated[
-        float | None, typer.Option(help="gated: line where R² >= this, else last checkpoint")
+        float | None, typer.Option(help=f"{GATED}: line where R² >= this, else last checkpoint")
     ] = None,
     from_checkpoints: Annotated[
         tuple[Path, Path] | None, typer.Option(help="two checkpoint folders DIR0 DIR1")
@@ -464,7 +475,7 @@ def extrapolate_cmd(
 ) -> None:
     """Extrapolate weights to a future step and export a model transformers loads as-is."""
     from pipeline.extrapolate.export import export, make_spec
-    from pipeline.extrapolate.plan import DEFAULT_EXCLUDE, check_method, steps_in_range
+    from pipeline.extrapolate.plan import DEFAULT_EXCLUDE
     from pipeline.extrapolate.sources import check_export_out, open_source
 
     if out is None:
@@ -474,11 +485,9 @@ def extrapolate_cmd(
     check_export_out(src, out)  # before "exists": --force must not be suggested for an input
     if out.exists() and not force:
         raise PipelineError("output exists (pass --force to overwrite)", out)
-    m = check_method(method)
-    chosen: list[int] | None = None
-    if steps is not None:
-        chosen = list(steps) if m == "two-point" else steps_in_range(src.steps, *steps, m)
-    spec = make_spec(src, method, to=to, alpha=alpha, steps=chosen, window=window,
+    m = registry.get(method.value)
+    chosen = None if steps is None else m.steps_option(src.steps, *steps)
+    spec = make_spec(src, m.name, to=to, alpha=alpha, steps=chosen, window=window,
                      r2_min=r2_min, include=include or ("*",),
                      exclude=DEFAULT_EXCLUDE if exclude is None else [e for e in exclude if e],
                      allow_interpolation=allow_interpolation)
@@ -516,10 +525,14 @@ def backtest_cmd(
         list[int] | None, typer.Option(help="last known step (repeatable; overrides --holdout)")
     ] = None,
     r2_min: Annotated[
-        list[float] | None, typer.Option(help="gate thresholds to try (default 0.5, 0.8)")
+        list[float] | None, typer.Option(help=f"{GATED} thresholds to try (default {SWEPT})")
     ] = None,
     window: Annotated[
-        int | None, typer.Option(help="lstsq/gated/rank1: only the last N known steps")
+        int | None, typer.Option(help=f"{WINDOW}: only the last N known steps")
+    ] = None,
+    method: Annotated[
+        list[MethodName] | None,  # type: ignore[valid-type]
+        typer.Option(help="methods to score (repeatable; default: all)"),
     ] = None,
     per_tensor: Annotated[bool, typer.Option(help="also print the per-tensor table")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
@@ -535,7 +548,8 @@ def backtest_cmd(
         out = (lookup(source, catalog).outputs / "backtest" if is_catalog_name(source)
                else Path("backtest"))
     writing(out)
-    cases = plan_cases(src.steps, cutoff, holdout, r2_min or (0.5, 0.8), window)
+    cases = plan_cases(src.steps, cutoff, holdout, {"r2_min": r2_min} if r2_min else None,
+                       window, [m.value for m in method] if method else None)
     res, csv_path, png_path = backtest_to_folder(src, out, cases, progress=progress)
     print_backtest(res, per_tensor)
     typer.echo(f"table: {csv_path}\nplot: {png_path}")
@@ -552,9 +566,10 @@ def alpha_sweep_cmd(
         typer.Option(help="alphas (repeatable; default: every later real checkpoint)"),
     ] = None,
     method: Annotated[
-        list[str] | None, typer.Option(help="two-point, lstsq, gated, rank1 (repeatable)")
+        list[MethodName] | None,  # type: ignore[valid-type]
+        typer.Option(help=f"methods to sweep (repeatable; default: {registry.DEFAULT_METHOD})"),
     ] = None,
-    r2_min: Annotated[float, typer.Option(help="gated: R² threshold")] = 0.8,
+    r2_min: Annotated[float, typer.Option(help=f"{GATED}: R² threshold")] = 0.8,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="also write a CSV")] = None,
     catalog: CatalogOpt = None,
 ) -> None:
@@ -564,17 +579,16 @@ def alpha_sweep_cmd(
     from pipeline.catalog import is_catalog_name, lookup
     from pipeline.console import print_table
     from pipeline.extrapolate.alpha_sweep import alpha_sweep, rows_as_dicts
-    from pipeline.extrapolate.plan import check_method
 
     run_dir = lookup(run, catalog).checkpoints if is_catalog_name(run) else Path(run)
-    methods = [check_method(m) for m in (method or ["two-point"])]
+    methods = [m.value for m in method] if method else [registry.DEFAULT_METHOD]
     if csv_out is not None:
         from pipeline.extrapolate.sources import CheckpointSource
 
         writing(csv_out)
         check_output(csv_out, CheckpointSource.from_run_dir(run_dir).input_paths(),
                      option="--csv")
-    rows = alpha_sweep(run_dir, t0, t1, alpha, methods, r2_min)
+    rows = alpha_sweep(run_dir, t0, t1, alpha, methods, {"r2_min": r2_min})
     print_table(
         f"Alpha sweep on {run_dir} (greedy held-out accuracy)",
         ["method", "t0", "t1", "alpha", "target step", "extrapolated", "real at target",

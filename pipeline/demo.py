@@ -55,22 +55,15 @@ def show_run(run_dir: Path) -> None:
     print_table(f"Checkpoints of {run_dir}", ["step", "held-out accuracy", "train reward"], rows)
 
 
-# (label, method, options) of the models the demo exports past the last checkpoint
-DEMO_METHODS: tuple[tuple[str, str, dict], ...] = (
-    ("two-point from step 0 (Eq. 2)", "two-point", {}),
-    ("rank-1 drift of every matrix", "rank1", {}),
-    ("gated lstsq (R² >= 0.8)", "gated", {"r2_min": 0.8}),
-)
-
-
 def export_and_check(entry: RunEntry, run_dir: Path) -> None:
-    """Extrapolate past the last checkpoint with each method, export, load and score.
+    """Extrapolate past the last checkpoint with every registered method, export, load, score.
 
     The target is a fifth of the run beyond its last checkpoint. Every model
     is written by the real export path and loaded with ``transformers``, so
     what is scored is what a user would get; the last real checkpoint is the
     bar to clear.
     """
+    from pipeline.extrapolate import methods
     from pipeline.extrapolate.alpha_sweep import heldout_problems, score_folder
     from pipeline.extrapolate.export import export, make_spec
     from pipeline.extrapolate.sources import StoreSource
@@ -82,10 +75,11 @@ def export_and_check(entry: RunEntry, run_dir: Path) -> None:
     last = _checkpoint_folder(run_dir, steps[-1])
     rows: list[tuple[str, str, float]] = [
         (f"real checkpoint, step {steps[-1]}", str(last), score_folder(last, problems))]
-    for label, method, opts in DEMO_METHODS:
-        out = entry.outputs / f"extrapolated-{method}-step{target}"
-        spec = make_spec(source, method, to=target, **opts)
+    for m in methods.methods():  # window methods use every step, two-point the first and last
+        out = entry.outputs / f"extrapolated-{m.name}-step{target}"
+        spec = make_spec(source, m.name, to=target, **m.typical_params())
         res = export(source, out, spec, force=True, progress=False)
+        label = m.summary + (f" ({m.label(spec.param_values)})" if m.params else "")
         rows.append((f"{label} -> step {target}", str(res.out), score_folder(res.out, problems)))
     print_table(f"Extrapolated models (loaded with transformers), target step {target}",
                 ["model", "folder", "held-out greedy accuracy"], rows)

@@ -17,7 +17,7 @@ from pipeline.extrapolate.sources import CheckpointSource
 
 
 def test_plan_cases_holds_out_the_later_half():
-    cases = plan_cases([0, 10, 20, 30, 40], r2_mins=(0.7,))
+    cases = plan_cases([0, 10, 20, 30, 40], sweep={"r2_min": (0.7,)})
     assert {c.cutoff for c in cases} == {20}
     assert {c.target for c in cases} == {30, 40}
     labels = {c.label for c in cases}
@@ -32,7 +32,7 @@ def test_plan_cases_holds_out_the_later_half():
 
 def test_backtest_scores_match_an_independent_computation(tiny_run_fp32):
     src = CheckpointSource.from_run_dir(tiny_run_fp32)
-    cases = plan_cases(src.steps, cutoffs=[20], r2_mins=(0.5,))
+    cases = plan_cases(src.steps, cutoffs=[20], sweep={"r2_min": (0.5,)})
     res = run_backtest(src, cases)
     rows = res.rows()
     for r in rows:

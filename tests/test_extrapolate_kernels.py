@@ -122,12 +122,12 @@ def test_alpha_and_step_rules():
     assert resolve_alpha(0, 100, to=50, allow_interpolation=True)[0] == 0.5
     with pytest.raises(PipelineError, match="exactly one"):
         resolve_alpha(0, 100, to=150, alpha=1.5)
-    assert choose_steps([0, 10, 20], None, "two-point") == [0, 20]
-    assert choose_steps([0, 10, 20, 30], None, "lstsq", window=3) == [10, 20, 30]
+    assert choose_steps([0, 10, 20], None, "pair", "two-point") == [0, 20]
+    assert choose_steps([0, 10, 20, 30], None, "window", "lstsq", window=3) == [10, 20, 30]
     with pytest.raises(PipelineError, match="not in the source"):
-        choose_steps([0, 10, 20], [0, 15], "two-point")
+        choose_steps([0, 10, 20], [0, 15], "pair", "two-point")
     with pytest.raises(PipelineError, match="exactly two"):
-        choose_steps([0, 10, 20], [0, 10, 20], "two-point")
+        choose_steps([0, 10, 20], [0, 10, 20], "pair", "two-point")
 
 
 def test_round_to_bf16_special_values_without_warnings():

@@ -107,7 +107,7 @@ def test_backtest_scores_rank1_like_an_independent_computation(tiny_run_fp32):
     src = CheckpointSource.from_run_dir(tiny_run_fp32)
     steps = src.steps
     cut, target = steps[len(steps) // 2], steps[-1]
-    res = run_backtest(src, plan_cases(steps, cutoffs=[cut], r2_mins=(0.5,)))
+    res = run_backtest(src, plan_cases(steps, cutoffs=[cut], sweep={"r2_min": (0.5,)}))
     name = "model.layers.1.mlp.down_proj.weight"
     from safetensors.numpy import load_file
 

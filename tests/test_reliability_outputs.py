@@ -247,7 +247,7 @@ def test_library_refuses_bad_numbers():
     from pipeline.fit.job import check_options
 
     with pytest.raises(PipelineError, match="finite"):
-        plan_cases([0, 10, 20, 30], r2_mins=[float("nan")])
+        plan_cases([0, 10, 20, 30], sweep={"r2_min": [float("nan")]})
     with pytest.raises(PipelineError, match="--window"):
         plan_cases([0, 10, 20, 30], window=-3)
     for bins in (0, -5):

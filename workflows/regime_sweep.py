@@ -208,6 +208,8 @@ def write_report(out: Path, doc: Path) -> None:
     """The markdown table (mean and range over seeds per setting) and the plot."""
     import matplotlib
 
+    from pipeline.extrapolate import methods as registry
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -236,7 +238,8 @@ def write_report(out: Path, doc: Path) -> None:
               "1 = no change), rows that ran every method:", ""]
     methods: list[str] = []
     per = [(r, json.loads(r["bt_rel_by_method"])) for r in rows]
-    per = [(r, m) for r, m in per if any(k.startswith("rank1") for k in m)]
+    every = set(registry.names())  # a label is "name(...)": older rows lack newer methods
+    per = [(r, m) for r, m in per if every <= {k.split("(")[0] for k in m}]
     for _, m in per:
         methods += [k for k in m if k not in methods]
     lines += ["| setting | seed | " + " | ".join(methods) + " |",

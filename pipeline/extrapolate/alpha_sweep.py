@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.errors import PipelineError, check_number
+from pipeline.extrapolate import methods as M
 from pipeline.extrapolate.export import export, make_spec
 from pipeline.extrapolate.sources import CheckpointSource
 
@@ -63,18 +64,21 @@ def alpha_sweep(
     t0: int | None = None,
     t1: int | None = None,
     alphas: Sequence[float] | None = None,
-    methods: Sequence[str] = ("two-point",),
-    r2_min: float = 0.8,
+    methods: Sequence[str] = (M.DEFAULT_METHOD,),
+    params: Mapping[str, float] | None = None,
     log: object = None,
 ) -> list[SweepRow]:
     """Score extrapolated models for each alpha (and method) against the real run.
 
     Defaults: t0 = first checkpoint, t1 = the middle one, and alphas that
     land on every later real checkpoint, so each row has a real comparison.
-    lstsq/gated use every checkpoint from t0 to t1 and the same target step.
+    Window methods use every checkpoint from t0 to t1 and the same target
+    step. ``params`` (e.g. ``r2_min``) go to the methods that take them;
+    one a method needs and is not given takes its registered typical value.
     """
     run_dir = Path(run_dir)
-    r2_min = check_number(r2_min, "--r2-min", 0.0, 1.0)
+    chosen = [M.get(m) for m in methods]
+    given = {k: M.param(k).check(v) for k, v in (params or {}).items()}
     if alphas is not None:
         alphas = [check_number(a, "--alpha") for a in alphas]
         if not alphas:
@@ -101,22 +105,23 @@ def alpha_sweep(
     rows: list[SweepRow] = []
     window = [s for s in steps if t0 <= s <= t1]
     with tempfile.TemporaryDirectory(prefix="alpha-sweep-") as tmp:
-        for method in methods:
+        for m in chosen:
+            kw = {**m.typical_params(), **m.select(given)}
             for a in alphas:
                 target = t0 + a * (t1 - t0)
-                kw: dict = {"allow_interpolation": True}
-                if method == "two-point":
-                    spec = make_spec(src, method, alpha=a, steps=[t0, t1], **kw)
+                if m.step_rule == "pair":
+                    spec = make_spec(src, m.name, alpha=a, steps=[t0, t1],
+                                     allow_interpolation=True, **kw)
                 else:
-                    spec = make_spec(src, method, to=target, steps=window,
-                                     r2_min=r2_min if method == "gated" else None, **kw)
-                out = Path(tmp) / f"{method}-{a:g}"
+                    spec = make_spec(src, m.name, to=target, steps=window,
+                                     allow_interpolation=True, **kw)
+                out = Path(tmp) / f"{m.name}-{a:g}"
                 export(src, out, spec)
                 acc = score_folder(out, problems)
                 t_int = round(target)
                 real_acc = real(t_int) if abs(target - t_int) < 1e-9 and t_int in steps else None
-                rows.append(SweepRow(method if method != "gated" else f"gated({r2_min:g})",
-                                     t0, t1, float(a), float(target), acc, real_acc, real(t1)))
+                rows.append(SweepRow(m.label(spec.param_values), t0, t1, float(a),
+                                     float(target), acc, real_acc, real(t1)))
                 if callable(log):
                     log(rows[-1])
     return rows

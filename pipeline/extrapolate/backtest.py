@@ -16,20 +16,20 @@ overall number is the error of the model one would actually get.
 from __future__ import annotations
 
 import csv
+import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import PipelineError, check_int, check_number, check_output
+from pipeline.errors import PipelineError, check_int, check_output
 from pipeline.extrapolate import kernels as K
-from pipeline.extrapolate.export import rank1_of, row_blocks
+from pipeline.extrapolate import methods as M
+from pipeline.extrapolate.export import prepass_of, row_blocks
 from pipeline.extrapolate.plan import DEFAULT_EXCLUDE, TensorPlan, plan_tensors
-from pipeline.extrapolate.rank1 import Rank1
 from pipeline.extrapolate.sources import WeightSource
-from pipeline.fit.kernels import Fit
 
 ALL = "(all)"
 NO_CHANGE = "no-change"
@@ -39,10 +39,10 @@ NO_CHANGE = "no-change"
 class Case:
     """One prediction: a method, the known steps it uses, and the step it predicts."""
 
-    method: str  # "two-point", "lstsq", "gated", "rank1", "no-change"
-    used: tuple[int, ...]  # known steps the method reads (two-point: (t0, t1))
+    method: str  # a name in the methods registry, or NO_CHANGE (the baseline)
+    used: tuple[int, ...]  # known steps the method reads (a pair method: (t0, t1))
     target: int
-    r2_min: float | None = None
+    params: tuple[tuple[str, float], ...] = ()  # the method's own, e.g. (("r2_min", 0.5),)
 
     @property
     def cutoff(self) -> int:
@@ -56,31 +56,31 @@ class Case:
 
     @property
     def label(self) -> str:
-        if self.method == "two-point":
-            return f"two-point(t0={self.used[0]})"
-        if self.method == "gated":
-            return f"gated(r2>={self.r2_min:g})"
-        if self.method in ("lstsq", "rank1"):
-            return f"{self.method}({len(self.used)} steps)"
-        return self.method
+        if self.method == NO_CHANGE:
+            return NO_CHANGE
+        return M.get(self.method).label(dict(self.params), self.used)
 
 
 def plan_cases(
     steps: Sequence[int],
     cutoffs: Sequence[int] | None = None,
     holdout: int | None = None,
-    r2_mins: Sequence[float] = (0.5, 0.8),
+    sweep: Mapping[str, Sequence[float]] | None = None,
     window: int | None = None,
+    methods: Sequence[str] | None = None,
 ) -> list[Case]:
-    """All cases: per cutoff, each later step x each method.
+    """All cases: per cutoff, each later step x each method (default: every registered one).
 
-    Default cutoff: hold out the later half of the steps. Two-point is run
-    from the first known step (the paper's setting) and from the step just
-    before the cutoff (the shortest baseline), which gives different alphas
-    for the same target.
+    Default cutoff: hold out the later half of the steps. A pair method
+    (two-point) is run from the first known step (the paper's setting) and
+    from the step just before the cutoff (the shortest baseline), which gives
+    different alphas for the same target; a window method uses every known
+    step. ``sweep`` lists values to try per method parameter (``r2_min``:
+    gate thresholds); a parameter not listed takes its registered defaults.
     """
     steps = sorted(steps)
-    r2_mins = [check_number(r, "--r2-min", 0.0, 1.0) for r in r2_mins]
+    chosen = [M.get(m) for m in (methods if methods is not None else M.names())]
+    grids = _param_grids(chosen, sweep or {})
     if window is not None:
         check_int(window, "--window", 2)
     if holdout is not None:
@@ -103,14 +103,37 @@ def plan_cases(
         if len(known) < 2 or not later:
             raise PipelineError(f"cutoff {c} leaves {len(known)} known and {len(later)} "
                                 "held-out steps (need >= 2 and >= 1)")
-        t0s = sorted({known[0], known[-2]})
+        pairs = [(t0, c) for t0 in sorted({known[0], known[-2]})]
         for t in later:
             cases.append(Case(NO_CHANGE, (c,), t))
-            cases += [Case("two-point", (t0, c), t) for t0 in t0s]
-            cases.append(Case("lstsq", tuple(known), t))
-            cases.append(Case("rank1", tuple(known), t))
-            cases += [Case("gated", tuple(known), t, r2_min=r) for r in r2_mins]
+            for m in chosen:
+                for used in (pairs if m.step_rule == "pair" else [tuple(known)]):
+                    cases += [Case(m.name, used, t, params) for params in grids[m.name]]
     return cases
+
+
+def _param_grids(chosen: Sequence[M.Method], sweep: Mapping[str, Sequence[float]]
+                 ) -> dict[str, list[tuple[tuple[str, float], ...]]]:
+    """Every combination of parameter values per method, each value checked.
+
+    A swept parameter that none of the chosen methods takes is refused, as
+    the same option is by ``extrapolate``.
+    """
+    taken = {p.name for m in chosen for p in m.params}
+    for key in sweep:
+        if key not in taken:
+            raise M.not_applicable(key)
+    grids: dict[str, list[tuple[tuple[str, float], ...]]] = {}
+    for m in chosen:
+        axes = []
+        for p in m.params:
+            values = sweep.get(p.name) or p.sweep or (
+                () if p.typical is None else (p.typical,))
+            if not values:
+                raise PipelineError(f"--method {m.name} needs {p.option}")
+            axes.append([(p.name, p.check(v)) for v in values])
+        grids[m.name] = [tuple(combo) for combo in itertools.product(*axes)]
+    return grids
 
 
 @dataclass
@@ -183,6 +206,7 @@ def run_backtest(
     missing = [s for s in needed if s not in source.steps]
     if missing:
         raise PipelineError(f"steps {missing} not in the source")
+    methods = {c.method: M.get(c.method) for c in cases if c.method != NO_CHANGE}
     plans = _tensor_plan(source, needed, include, exclude)
     result = BacktestResult(list(cases), [p.name for p in plans])
     for i in range(len(cases)):
@@ -194,38 +218,33 @@ def run_backtest(
         from tqdm import tqdm
 
         it = tqdm(plans, desc="backtest", unit="tensor")
+    scratch = 96 if any(m.needs_fit for m in methods.values()) else 16
     for p in it:
-        dirs = {c.used: rank1_of(source, p, c.used, block_bytes)
-                for c in cases if c.method == "rank1" and p.is_matrix}
-        for rows in row_blocks(p.shape, block_bytes, 8 * n_steps + 96):
+        prepared = {(c.method, c.used): prepass_of(source, methods[c.method], p, c.used,
+                                                  block_bytes)
+                    for c in cases if c.method in methods and methods[c.method].prepares(p)}
+        for rows in row_blocks(p.shape, block_bytes, 8 * n_steps + scratch):
             vals = {s: source.read(p.name, s, rows) for s in needed}
-            _score_block(result, p, vals, rows, dirs)
+            _score_block(result, p, vals, rows, methods, prepared)
     return result
 
 
 def _score_block(result: BacktestResult, p: TensorPlan, vals: dict[int, np.ndarray],
-                 rows: slice | None, dirs: dict[tuple[int, ...], Rank1]) -> None:
+                 rows: slice | None, methods: Mapping[str, M.Method],
+                 prepared: Mapping[tuple[str, tuple[int, ...]], object]) -> None:
     f32 = {s: K.to_float32(v) for s, v in vals.items()}
-    fits: dict[tuple[int, ...], tuple[Fit, np.ndarray]] = {}
+    fits: dict = {}  # one least-squares fit per window, shared by every method and target
     for i, c in enumerate(result.cases):
         real = f32[c.target]
         base = f32[c.cutoff]
         if c.method == NO_CHANGE or p.action == "copy":
             pred = base
-        elif c.method == "two-point":
-            pred = K.two_point(vals[c.used[0]], vals[c.used[1]], c.alpha)
-        elif c.method == "rank1" and c.used in dirs:
-            assert rows is not None  # a matrix
-            pred = base.astype(np.float64) + dirs[c.used].drift(rows, c.target - c.cutoff)
         else:
-            if c.used not in fits:
-                fits[c.used] = K.fit_line((vals[s] for s in c.used), list(c.used))
-            fit, last = fits[c.used]
-            line = K.line_value(fit.slope, fit.intercept, c.target)
-            if c.method == "gated":
-                assert c.r2_min is not None
-                line = K.gate(line, last.reshape(-1), fit.r2, c.r2_min)
-            pred = line.reshape(real.shape)
+            m = methods[c.method]
+            prep = prepared.get((c.method, c.used))
+            blocks = tuple(vals[s] for s in m.input_steps(c.used, prep is not None))
+            block = M.BlockInput(blocks, c.used, c.target, c.alpha, rows, prep, fits=fits)
+            pred = m.predict(block, dict(c.params)).reshape(real.shape)
         pred = K.to_float32(K.round_to(pred, p.src_dtype))  # what an export would write
         t = result.tallies[(i, p.name)]
         t.err += K.sq_norm(pred - real)

@@ -26,17 +26,15 @@ from pipeline.checkpoints.format import logical_dtype, pread_exact
 from pipeline.checkpoints.writer import ShardedWriter, TensorSpec, parse_size
 from pipeline.errors import PipelineError, check_int, check_number
 from pipeline.extrapolate import kernels as K
+from pipeline.extrapolate import methods as M
 from pipeline.extrapolate.plan import (
     DEFAULT_EXCLUDE,
-    WINDOW_METHODS,
     TensorPlan,
-    check_method,
     check_target,
-    choose_steps,
     plan_tensors,
     resolve_alpha,
+    rows_per_block,
 )
-from pipeline.extrapolate.rank1 import Rank1, rank1_direction
 from pipeline.extrapolate.sources import CheckpointSource, WeightSource, check_export_out
 from pipeline.workspace import Workspace
 
@@ -54,68 +52,58 @@ PROVENANCE_FILE = "extrapolation.json"
 class ExtrapolationSpec:
     """Everything that decides the output values (recorded in the output's metadata)."""
 
-    method: str
+    method: str  # a name in the methods registry
     steps: tuple[int, ...]
     target: float
-    alpha: float | None = None  # two-point only
-    r2_min: float | None = None  # gated only
+    alpha: float | None = None  # pair methods (two-point) only
+    params: tuple[tuple[str, float], ...] = ()  # the method's own, e.g. (("r2_min", 0.8),)
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+
+    @property
+    def param_values(self) -> dict[str, float]:
+        return dict(self.params)
 
 
 def make_spec(
     source: WeightSource,
-    method: str = "two-point",
+    method: str = M.DEFAULT_METHOD,
     to: float | None = None,
     alpha: float | None = None,
     steps: Sequence[int] | None = None,
     window: int | None = None,
-    r2_min: float | None = None,
     include: Sequence[str] = ("*",),
     exclude: Sequence[str] = DEFAULT_EXCLUDE,
     allow_interpolation: bool = False,
+    **params: float | None,
 ) -> ExtrapolationSpec:
-    """Validate the user's choices against the source; raises before any data is read."""
-    m = check_method(method)
+    """Validate the user's choices against the source; raises before any data is read.
+
+    ``params`` are the method's own (``r2_min=`` for gated); one that is
+    ``None`` counts as not given, so a CLI can pass every option through.
+    """
+    m = M.get(method)
     to = None if to is None else check_number(to, "--to")
     alpha = None if alpha is None else check_number(alpha, "--alpha")
-    r2_min = None if r2_min is None else check_number(r2_min, "--r2-min", 0.0, 1.0)
+    values = m.check_params(params)
     if window is not None:
         check_int(window, "--window", 2)
-        if m == "two-point":
-            raise PipelineError(f"--window only applies to --method {', '.join(WINDOW_METHODS)}")
-    if r2_min is not None and m != "gated":
-        raise PipelineError("--r2-min only applies to --method gated")
-    used = choose_steps(source.steps, steps, m, window)
-    if m == "two-point":
+        if m.step_rule == "pair":
+            raise PipelineError(f"--window only applies to --method "
+                                f"{', '.join(M.with_steps('window'))}")
+    used = m.choose_steps(source.steps, steps, window)
+    common: dict[str, Any] = {"params": tuple(values.items()), "include": tuple(include),
+                              "exclude": tuple(exclude)}
+    if m.step_rule == "pair":
         a, target = resolve_alpha(used[0], used[1], to, alpha, allow_interpolation)
-        return ExtrapolationSpec(m, tuple(used), target, alpha=a,
-                                 include=tuple(include), exclude=tuple(exclude))
+        return ExtrapolationSpec(m.name, tuple(used), target, alpha=a, **common)
     if (to is None) == (alpha is None):
-        raise PipelineError(f"{m} needs exactly one of --to STEP or --alpha")
+        raise PipelineError(f"{m.name} needs exactly one of --to STEP or --alpha")
     if to is None:
         assert alpha is not None
         to = used[0] + alpha * (used[-1] - used[0])  # same meaning as for two-point
     check_target(to, used[-1], allow_interpolation)
-    if m == "gated" and r2_min is None:
-        raise PipelineError("--method gated needs --r2-min TAU")
-    return ExtrapolationSpec(m, tuple(used), float(to), r2_min=r2_min,
-                             include=tuple(include), exclude=tuple(exclude))
-
-
-def rows_per_block(shape: tuple[int, ...], block_bytes: int, elem_bytes: int = 4) -> int:
-    """Leading-axis rows whose working set (``elem_bytes`` per element) fits ``block_bytes``."""
-    if not shape:
-        return 1
-    row = int(np.prod(shape[1:], dtype=np.int64)) * elem_bytes
-    return max(1, block_bytes // max(row, 1))
-
-
-# scratch bytes per element besides the inputs: two-point writes one output element
-# (its float32 temporaries are cache-sized tiles); the least-squares state of
-# pipeline.fit holds ~80 bytes per element plus the float64 prediction
-# rank1: a matrix needs its last step and the float64 drift; other tensors fall back to lstsq
-ELEM_BYTES = {"two-point": 4, "lstsq": 104, "gated": 112, "rank1": 104}
+    return ExtrapolationSpec(m.name, tuple(used), float(to), **common)
 
 
 def row_blocks(shape: tuple[int, ...], block_bytes: int, elem_bytes: int = 4
@@ -131,9 +119,10 @@ def row_blocks(shape: tuple[int, ...], block_bytes: int, elem_bytes: int = 4
 
 def input_steps(spec: ExtrapolationSpec, plan: TensorPlan) -> tuple[int, ...]:
     """The source steps a tensor's output depends on."""
-    if plan.action == "copy" or (spec.method == "rank1" and plan.is_matrix):
+    if plan.action == "copy":
         return (spec.steps[-1],)
-    return spec.steps
+    m = M.get(spec.method)
+    return m.input_steps(spec.steps, m.prepares(plan))
 
 
 def read_inputs(source: WeightSource, spec: ExtrapolationSpec, plan: TensorPlan,
@@ -181,36 +170,23 @@ def _read_into(source: WeightSource, name: str, step: int, rows: slice | None,
 
 def compute_block(
     spec: ExtrapolationSpec, plan: TensorPlan, inputs: list[np.ndarray],
-    ws: Workspace | None = None, threads: int | None = None,
-    drift: np.ndarray | None = None,
+    rows: slice | None = None, ws: Workspace | None = None, threads: int | None = None,
+    prepared: Any = None,
 ) -> np.ndarray:
     """One output block exactly as written: predicted, rounded (RNE) to the output dtype.
 
     Pure: ``inputs`` come from :func:`read_inputs`. With a workspace the
     result may be a view into it, valid until the workspace is used again.
-    ``threads``: how many threads the two-point arithmetic is split over
-    (default: every core); the bits are the same whatever the split.
-    ``drift``: rank1's move of this block (:meth:`Rank1.drift`), added to the last step.
+    ``threads``: how many threads the arithmetic may be split over (default:
+    every core); the bits are the same whatever the split. ``prepared``: the
+    method's pre-pass result for this tensor (:func:`prepass_of`).
     """
     if plan.action == "copy":
         val = inputs[0]
-    elif spec.method == "rank1" and plan.is_matrix:
-        assert drift is not None, "rank1 needs the block's drift"
-        val = K.to_float32(inputs[-1]).astype(np.float64) + drift
-    elif spec.method == "two-point":
-        assert spec.alpha is not None
-        w0, w1 = inputs
-        out = (ws.get("output", w0.shape, plan.out_dtype) if ws is not None
-               else np.empty(w0.shape, plan.out_dtype))
-        return K.two_point(w0, w1, spec.alpha, out=out, ws=ws,  # rounding fused per tile
-                           threads=threads)
     else:
-        fit, last = K.fit_line(inputs, spec.steps)
-        val = K.line_value(fit.slope, fit.intercept, spec.target)
-        if spec.method == "gated":
-            assert spec.r2_min is not None
-            val = K.gate(val, last.reshape(-1), fit.r2, spec.r2_min)
-        val = val.reshape(last.shape)
+        block = M.BlockInput(tuple(inputs), spec.steps, spec.target, spec.alpha, rows,
+                             prepared, plan.out_dtype, ws, threads)
+        val = M.get(spec.method).predict(block, spec.param_values)
     if val.dtype == plan.out_dtype:
         return val
     if val.dtype != np.float64 and K.is_float(val.dtype):
@@ -223,7 +199,7 @@ def block_elem_bytes(spec: ExtrapolationSpec, plan: TensorPlan) -> int:
     inputs = plan.src_dtype.itemsize * len(input_steps(spec, plan))
     if plan.action == "copy":
         return inputs + 8
-    return inputs + ELEM_BYTES[spec.method]
+    return inputs + M.get(spec.method).scratch_bytes
 
 
 def stream_blocks(
@@ -248,8 +224,9 @@ def stream_blocks(
                                                     block_elem_bytes(spec, p)))]
     if not jobs:
         return
-    dirs = rank1_directions(source, spec, plans, block_bytes) if spec.method == "rank1" else {}
-    horizon = spec.target - spec.steps[-1]
+    method = M.get(spec.method)
+    prepared = {p.name: prepass_of(source, method, p, spec.steps, block_bytes)
+                for p in plans if method.prepares(p)}
     # the reader and the writer thread keep about a core busy each (copying to and from
     # the page cache). Measured on 2 cores, splitting the arithmetic on top of them was
     # ~5% faster on an idle machine but ~15% slower with other jobs running
@@ -267,8 +244,8 @@ def stream_blocks(
             slot = k % 2
             if writes[slot] is not None:
                 writes[slot].result()  # this workspace's previous block is on disk
-            drift = dirs[p.name].drift(rows, horizon) if p.name in dirs else None
-            block = compute_block(spec, p, inputs, workspaces[slot], threads, drift)
+            block = compute_block(spec, p, inputs, rows, workspaces[slot], threads,
+                                  prepared.get(p.name))
             if any(np.may_share_memory(block, x) for x in inputs):
                 # a copied tensor: its input buffer is refilled while the block is written
                 buf = workspaces[slot].get("output", block.shape, block.dtype)
@@ -283,26 +260,20 @@ def stream_blocks(
                 w.result()
 
 
-def rank1_directions(source: WeightSource, spec: ExtrapolationSpec,
-                     plans: Sequence[TensorPlan], block_bytes: int) -> dict[str, Rank1]:
-    """The rank-1 direction of every moving matrix, streamed from ``source`` before export.
+def prepass_of(source: WeightSource, method: M.Method, plan: TensorPlan,
+               steps: Sequence[int], block_bytes: int) -> Any:
+    """The method's pre-pass over one matrix (rank1: its direction), streamed from ``source``.
 
-    A pre-pass over the window's first and last step (a few times) and every
-    step once, one row block at a time: memory is a block and two vectors.
+    The pass reads row blocks through this one function, so memory is a
+    block (and what the method keeps, two vectors for rank1), never the matrix.
     """
-    return {p.name: rank1_of(source, p, spec.steps, block_bytes) for p in plans if p.is_matrix}
-
-
-def rank1_of(source: WeightSource, plan: TensorPlan, steps: Sequence[int],
-             block_bytes: int) -> Rank1:
-    """The rank-1 direction of one matrix over ``steps``, read one row block at a time."""
+    if method.prepass is None:
+        raise ValueError(f"method {method.name!r} has no pre-pass")
 
     def read(step: int, rows: slice) -> np.ndarray:
         return K.to_float32(source.read(plan.name, step, rows))
 
-    # two float64 copies of a block (the update and its product) dominate the working set
-    rows = rows_per_block(plan.shape, block_bytes, 16)
-    return rank1_direction(read, (plan.shape[0], plan.shape[1]), steps, rows)
+    return method.prepass(read, plan.shape, tuple(steps), block_bytes)
 
 
 def _with_last(it: Iterator[slice | None]) -> Iterator[tuple[slice | None, bool]]:
@@ -337,8 +308,8 @@ def metadata_for(spec: ExtrapolationSpec) -> dict[str, str]:
           "target_step": f"{spec.target:g}"}
     if spec.alpha is not None:
         md["alpha"] = repr(spec.alpha)
-    if spec.r2_min is not None:
-        md["r2_min"] = repr(spec.r2_min)
+    for key, value in spec.params:
+        md[key] = repr(value)
     return md
 
 
@@ -401,9 +372,10 @@ def export(
             dropped=sorted(all_names - {p.name for p in plans}),
             bytes_written=sum(s.nbytes for s in specs),
         )
-        (tmp / PROVENANCE_FILE).write_text(json.dumps(
-            {**asdict(spec), "source": str(folder.parent), "moved": result.moved,
-             "copied": result.copied, "dropped": result.dropped}, indent=1) + "\n")
+        provenance = {**asdict(spec), "params": spec.param_values,
+                      "source": str(folder.parent), "moved": result.moved,
+                      "copied": result.copied, "dropped": result.dropped}
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1) + "\n")
         _publish(tmp, out, force)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)

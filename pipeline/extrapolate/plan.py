@@ -19,11 +19,8 @@ import numpy as np
 
 from pipeline.errors import PipelineError, check_int, check_number
 from pipeline.extrapolate.kernels import is_float
+from pipeline.extrapolate.methods import StepRule
 
-Method = Literal["two-point", "lstsq", "gated", "rank1"]
-METHODS: tuple[str, ...] = ("two-point", "lstsq", "gated", "rank1")
-# methods that fit a line through every step of a window (not Eq. 2's two points)
-WINDOW_METHODS: tuple[str, ...] = ("lstsq", "gated", "rank1")
 Action = Literal["move", "copy"]
 
 # The authors' rule: any name containing these (lower-cased) is a norm layer,
@@ -32,12 +29,6 @@ DEFAULT_EXCLUDE: tuple[str, ...] = ("*layernorm*", "*rmsnorm*", "*ln_*", "*norm*
 TIED_HEADS: tuple[str, ...] = ("lm_head.weight",)
 TIED_EMBEDDINGS: tuple[str, ...] = ("model.embed_tokens.weight", "transformer.wte.weight",
                                     "model.embeddings.weight")
-
-
-def check_method(method: str) -> Method:
-    if method not in METHODS:
-        raise PipelineError(f"unknown method {method!r} (expected one of {', '.join(METHODS)})")
-    return method  # type: ignore[return-value]
 
 
 def matches(name: str, patterns: Sequence[str]) -> bool:
@@ -151,7 +142,7 @@ def check_target(target: float, last_step: int, allow_interpolation: bool) -> No
 
 
 def steps_in_range(available: Sequence[int], lo: int, hi: int, method: str) -> list[int]:
-    """The stored steps in [lo, hi] (``--steps T0 T1`` of lstsq/gated: a range, not a list)."""
+    """The stored steps in [lo, hi] (``--steps T0 T1`` of a window method: a range, not a list)."""
     if lo > hi:
         raise PipelineError(f"--steps {lo} {hi}: the range must run from low to high")
     chosen = [s for s in sorted(available) if lo <= s <= hi]
@@ -162,13 +153,13 @@ def steps_in_range(available: Sequence[int], lo: int, hi: int, method: str) -> l
 
 
 def choose_steps(
-    available: Sequence[int], wanted: Sequence[int] | None, method: Method,
+    available: Sequence[int], wanted: Sequence[int] | None, rule: StepRule, name: str,
     window: int | None = None,
 ) -> list[int]:
-    """The source steps a method uses, checked against what the source holds.
+    """The source steps a method (called ``name`` in errors) uses, checked against the source.
 
-    two-point: ``wanted`` = (t0, t1), default first and last stored step.
-    lstsq/gated: ``wanted`` = explicit list (default all), of which the last
+    pair: ``wanted`` = (t0, t1), default first and last stored step.
+    window: ``wanted`` = explicit list (default all), of which the last
     ``window`` steps (default all).
     """
     if window is not None:
@@ -182,14 +173,22 @@ def choose_steps(
                 f" (has {', '.join(map(str, avail))})"
             )
         steps = sorted(set(wanted))
-    elif method == "two-point":
+    elif rule == "pair":
         steps = [avail[0], avail[-1]] if avail else []
     else:
         steps = avail
-    if method != "two-point" and window is not None:
+    if rule == "window" and window is not None:
         steps = steps[-window:]
-    if method == "two-point" and len(steps) != 2:
-        raise PipelineError(f"two-point needs exactly two distinct steps, got {steps}")
+    if rule == "pair" and len(steps) != 2:
+        raise PipelineError(f"{name} needs exactly two distinct steps, got {steps}")
     if len(steps) < 2:
-        raise PipelineError(f"{method} needs at least two steps, the source has {avail}")
+        raise PipelineError(f"{name} needs at least two steps, the source has {avail}")
     return steps
+
+
+def rows_per_block(shape: tuple[int, ...], block_bytes: int, elem_bytes: int = 4) -> int:
+    """Leading-axis rows whose working set (``elem_bytes`` per element) fits ``block_bytes``."""
+    if not shape:
+        return 1
+    row = int(np.prod(shape[1:], dtype=np.int64)) * elem_bytes
+    return max(1, block_bytes // max(row, 1))
