@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 MAX_THREADS = 8
@@ -42,3 +43,22 @@ def _forget_pool() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
+
+
+def split_ranges(n: int, parts: int, align: int = 1) -> list[slice]:
+    """[0, n) cut into at most ``parts`` contiguous ranges, each a multiple of ``align`` long
+    (but the last), so per-thread tiles line up with the single-threaded ones."""
+    if n <= 0:
+        return []
+    per = -(-n // max(1, parts) // align) * align or align
+    return [slice(a, min(a + per, n)) for a in range(0, n, per)]
+
+
+def run_ranges(fn: Callable[[int, slice], None], ranges: list[slice]) -> None:
+    """``fn(j, ranges[j])`` for every range, concurrently on the shared pool (inline for one)."""
+    if len(ranges) == 1:
+        fn(0, ranges[0])
+        return
+    jobs = [compute_pool().submit(fn, j, r) for j, r in enumerate(ranges)]
+    for job in jobs:
+        job.result()

@@ -24,6 +24,7 @@ import numpy as np
 
 from pipeline.checkpoints.format import logical_dtype, pread_exact
 from pipeline.checkpoints.writer import ShardedWriter, TensorSpec, parse_size
+from pipeline.compute.threads import compute_threads
 from pipeline.errors import PipelineError, check_int, check_number
 from pipeline.extrapolate import kernels as K
 from pipeline.extrapolate import methods as M
@@ -99,9 +100,8 @@ def make_spec(
         return ExtrapolationSpec(m.name, tuple(used), target, alpha=a, **common)
     if (to is None) == (alpha is None):
         raise PipelineError(f"{m.name} needs exactly one of --to STEP or --alpha")
-    if to is None:
-        assert alpha is not None
-        to = used[0] + alpha * (used[-1] - used[0])  # same meaning as for two-point
+    if to is None:  # same meaning as for two-point
+        to = used[0] + check_number(alpha, "--alpha") * (used[-1] - used[0])
     check_target(to, used[-1], allow_interpolation)
     return ExtrapolationSpec(m.name, tuple(used), float(to), **common)
 
@@ -230,7 +230,7 @@ def stream_blocks(
     # the reader and the writer thread keep about a core busy each (copying to and from
     # the page cache). Measured on 2 cores, splitting the arithmetic on top of them was
     # ~5% faster on an idle machine but ~15% slower with other jobs running
-    threads = max(1, K.compute_threads() - IO_THREADS)
+    threads = max(1, compute_threads() - IO_THREADS)
     workspaces = [Workspace(), Workspace()]
     read_spaces = [Workspace(), Workspace()]  # block k's inputs live in read_spaces[k % 2]
     writes: list[Future[None] | None] = [None, None]

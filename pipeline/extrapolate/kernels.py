@@ -12,15 +12,13 @@ importing it costs seconds per export.
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import ml_dtypes
 import numpy as np
 
+from pipeline.compute.threads import compute_threads, run_ranges, split_ranges
 from pipeline.workspace import Workspace
 
 if TYPE_CHECKING:
@@ -74,37 +72,6 @@ TILE = 1 << 16  # elements per inner tile: the float32 temporaries stay in L2 ca
 # a block is split over the compute threads only in ranges of at least this many elements
 PARALLEL_MIN = 1 << 18
 
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-
-
-def compute_threads() -> int:
-    """Threads a block's arithmetic is split over (numpy ufuncs release the GIL)."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        n = os.cpu_count() or 1
-    return max(1, min(n, 8))
-
-
-def _pool() -> ThreadPoolExecutor:
-    """The process-wide pool of compute threads, started on first use."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(compute_threads(), thread_name_prefix="extrapolate")
-        return _POOL
-
-
-def _forget_pool() -> None:
-    global _POOL, _POOL_LOCK
-    _POOL, _POOL_LOCK = None, threading.Lock()  # a forked child has none of the threads
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
-
-
 def _two_point_tiles(f0: np.ndarray, f1: np.ndarray, alpha32: np.float32, fo: np.ndarray,
                      ta: np.ndarray, tb: np.ndarray) -> None:
     """Eq. 2 over flat ranges, one cache-sized tile at a time (``ta``/``tb``: float32 scratch)."""
@@ -153,20 +120,13 @@ def two_point(w0: np.ndarray, w1: np.ndarray, alpha: float, out: np.ndarray | No
     k = compute_threads() if threads is None else max(1, threads)
     k = min(k, max(1, n // PARALLEL_MIN))
     t = min(TILE, n)
-    if k == 1:
-        _two_point_tiles(f0, f1, alpha32, fo, ws.get("two_point.a0", (t,), np.float32),
-                         ws.get("two_point.b0", (t,), np.float32))
-        return out
-    per = -(-n // k // TILE) * TILE  # whole tiles per thread
-    jobs = []
-    for j, a in enumerate(range(0, n, per)):
-        sl = slice(a, min(a + per, n))
-        jobs.append(_pool().submit(
-            _two_point_tiles, f0[sl], f1[sl], alpha32, fo[sl],
-            ws.get(f"two_point.a{j}", (t,), np.float32),
-            ws.get(f"two_point.b{j}", (t,), np.float32)))
-    for fut in jobs:
-        fut.result()
+
+    def part(j: int, sl: slice) -> None:
+        _two_point_tiles(f0[sl], f1[sl], alpha32, fo[sl],
+                         ws.get(f"two_point.a{j}", (t,), np.float32),
+                         ws.get(f"two_point.b{j}", (t,), np.float32))
+
+    run_ranges(part, split_ranges(n, k, TILE))  # every element's arithmetic is split-free
     return out
 
 

@@ -119,8 +119,7 @@ def resolve_alpha(
     if (to is None) == (alpha is None):
         raise PipelineError("give exactly one of --to STEP or --alpha A")
     if alpha is None:
-        assert to is not None
-        alpha = check_number(to, "--to") - t0
+        alpha = check_number(to, "--to") - t0  # type: ignore[arg-type]  (to is given here)
         alpha /= t1 - t0
     alpha = check_number(alpha, "--alpha")
     target = t0 + alpha * (t1 - t0)
