@@ -539,14 +539,13 @@ def backtest_cmd(
     catalog: CatalogOpt = None,
 ) -> None:
     """Predict held-out later checkpoints from earlier ones; relative error per method."""
-    from pipeline.catalog import is_catalog_name, lookup
+    from pipeline.catalog import resolve
     from pipeline.extrapolate.backtest import backtest_to_folder, plan_cases, print_backtest
     from pipeline.extrapolate.sources import open_source
 
     src = open_source(source, catalog=catalog)
     if out is None:
-        out = (lookup(source, catalog).outputs / "backtest" if is_catalog_name(source)
-               else Path("backtest"))
+        out = resolve(source, catalog).output("backtest", "backtest")
     writing(out)
     cases = plan_cases(src.steps, cutoff, holdout, {"r2_min": r2_min} if r2_min else None,
                        window, [m.value for m in method] if method else None)
@@ -576,11 +575,11 @@ def alpha_sweep_cmd(
     """Held-out accuracy of extrapolated models vs alpha, next to the real checkpoints."""
     import csv
 
-    from pipeline.catalog import is_catalog_name, lookup
+    from pipeline.catalog import resolve
     from pipeline.console import print_table
     from pipeline.extrapolate.alpha_sweep import alpha_sweep, rows_as_dicts
 
-    run_dir = lookup(run, catalog).checkpoints if is_catalog_name(run) else Path(run)
+    run_dir = resolve(run, catalog).checkpoints
     methods = [m.value for m in method] if method else [registry.DEFAULT_METHOD]
     if csv_out is not None:
         from pipeline.extrapolate.sources import CheckpointSource

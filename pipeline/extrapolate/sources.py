@@ -221,7 +221,7 @@ def open_source(
     A catalog entry is read from its store when ingested, else straight from
     its checkpoints (extrapolation needs no store for two checkpoints).
     """
-    from pipeline.catalog import is_catalog_name, lookup
+    from pipeline.catalog import resolve
 
     if folders:
         if source is not None:
@@ -230,8 +230,9 @@ def open_source(
     if source is None:
         raise PipelineError("no source given (a store, a run folder, a catalog name, "
                             "or --from-checkpoints DIR0 DIR1)")
-    if is_catalog_name(str(source)):
-        entry = lookup(str(source), catalog)
+    target = resolve(str(source), catalog)
+    if target.entry is not None:
+        entry = target.entry
         if entry.store.exists():
             return StoreSource(entry.store, entry.checkpoints)
         return CheckpointSource.from_run_dir(entry.checkpoints, entry.step_pattern)
