@@ -40,23 +40,25 @@ def safetensors_dtype(dtype: np.dtype | type | str) -> str:
     return code
 
 
-def parse_size(size: str | int) -> int:
+def parse_size(size: str | int, what: str = "--max-shard-size") -> int:
     """Bytes in ``"5GB"``/``"200KB"``/``"1GiB"``/``1234``, as Dask reads sizes (decimal units).
 
     ``dask.utils.parse_bytes`` does the parsing (one size syntax for shards,
-    memory limits and block sizes); this only turns its errors into one line.
+    memory limits and block sizes); this only turns its errors into one line
+    naming the option (``what``).
     """
     from dask.utils import parse_bytes
 
+    shown = repr(size) if len(str(size)) <= 40 else repr(str(size)[:40] + "...")
     if isinstance(size, bool) or (isinstance(size, str) and not size.strip()):
-        raise PipelineError(f"shard size must be a size such as 5GB, got {size!r}")
+        raise PipelineError(f"{what} must be a size such as 5GB, got {shown}")
     try:
         n = parse_bytes(size)
     except (ValueError, TypeError, OverflowError):
-        raise PipelineError(f"cannot read size {size!r} (expected e.g. 5GB, 200MB, 1GiB)"
-                            ) from None
+        raise PipelineError(f"{what} is not a usable size: {shown} (expected e.g. 5GB, 200MB, "
+                            f"1GiB)") from None
     if n <= 0:
-        raise PipelineError(f"shard size must be positive, got {size!r}")
+        raise PipelineError(f"{what} must be positive, got {shown}")
     return n
 
 

@@ -182,7 +182,7 @@ def _tensor_plan(source: WeightSource, steps: Iterable[int],
                  include: Sequence[str], exclude: Sequence[str]) -> list[TensorPlan]:
     names = source.tensor_names
     steps = list(steps)
-    shapes = {n: [source.shape(n, s) for s in steps] for n in names}
+    shapes = {n: [source.shape(n)] for n in names}
     dtypes = {n: source.dtype(n) for n in names}
     return [p for p in plan_tensors(names, shapes, dtypes, include, exclude)
             if K.is_float(p.src_dtype)]

@@ -1,10 +1,10 @@
-"""Where extrapolation reads weights from: checkpoint folders or an ingested store.
+"""The two weight sources: checkpoint folders, and an ingested store.
 
-Export, backtest and the alpha sweep only need "the value of tensor X at
-step s, rows a:b" plus the folder holding config and tokenizer files. Both
-back ends answer that through the readers the ingest stage owns
-(``CheckpointReader`` and ``pipeline.open_run``); this module only adapts
-them to one small interface so the extrapolation code has one code path.
+Both are ``pipeline.steps.source.WeightSource``s: the fit, export, backtest
+and the alpha sweep read "tensor X at these steps, rows a:b" plus the folder
+holding config and tokenizer files through that one interface. Both back
+ends answer through the readers the ingest stage owns (``CheckpointReader``
+and ``pipeline.open_run``); this module only adapts them.
 """
 
 from __future__ import annotations
@@ -14,41 +14,16 @@ import os
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from pipeline.checkpoints import Checkpoint, CheckpointReader, discover_checkpoints
 from pipeline.checkpoints.format import logical_dtype
 from pipeline.errors import PipelineError, check_output
+from pipeline.steps.source import Positions, WeightSource, positions, weight_labels
 
-
-class WeightSource(Protocol):
-    """Step-indexed tensors, readable by row block."""
-
-    @property
-    def steps(self) -> list[int]: ...
-
-    @property
-    def tensor_names(self) -> list[str]: ...
-
-    def shape(self, name: str, step: int) -> tuple[int, ...]: ...
-
-    def dtype(self, name: str) -> np.dtype: ...
-
-    def read(self, name: str, step: int, rows: slice | None = None) -> np.ndarray: ...
-
-    @property
-    def files_folder(self) -> Path | None:
-        """Newest checkpoint folder (config.json, tokenizer files), if known."""
-        ...
-
-    @property
-    def config(self) -> dict[str, Any] | None: ...
-
-    def input_paths(self) -> list[tuple[str, Path]]:
-        """(description, path) of what the source reads: an output must never land there."""
-        ...
+__all__ = ["CheckpointSource", "StoreSource", "WeightSource", "open_source"]
 
 
 class CheckpointSource:
@@ -62,6 +37,7 @@ class CheckpointSource:
             raise PipelineError(f"duplicate source steps {steps}")
         self._ckpts = {c.step: c.path for c in sorted(checkpoints)}
         self._readers: dict[int, CheckpointReader] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
         self.run_dir: Path | None = None  # set when the folders were discovered in a run
 
     @classmethod
@@ -100,22 +76,58 @@ class CheckpointSource:
     def steps(self) -> list[int]:
         return sorted(self._ckpts)
 
-    @property
+    @cached_property
     def tensor_names(self) -> list[str]:
-        """Names of the newest checkpoint; other steps are checked when planned."""
-        return self.reader(self.steps[-1]).tensor_names
+        """The tensors every step holds; steps that disagree are refused, naming the tensors."""
+        last = self.steps[-1]
+        names = self.reader(last).tensor_names
+        for s in self.steps[:-1]:
+            other = set(self.reader(s).tensor_names)
+            if other != set(names):
+                diff = sorted(set(names) ^ other)
+                raise PipelineError(f"tensors differ between steps {last} and {s}: "
+                                    f"{', '.join(diff[:5])}", self._ckpts[s])
+        return names
 
-    def names_at(self, step: int) -> list[str]:
-        return self.reader(step).tensor_names
-
-    def shape(self, name: str, step: int) -> tuple[int, ...]:
-        return tuple(self.reader(step).shape(name))
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape at every step; a tensor that changes shape is refused, naming the shapes."""
+        got = self._shapes.get(name)
+        if got is None:
+            seen: dict[tuple[int, ...], int] = {}
+            for s in self.steps:
+                seen.setdefault(tuple(self.reader(s).shape(name)), s)
+            if len(seen) != 1:
+                listed = " vs ".join(f"{list(sh)} (step {st})" for sh, st in seen.items())
+                raise PipelineError(f"tensor {name!r} changes shape between steps: {listed}")
+            got = self._shapes[name] = next(iter(seen))
+        return got
 
     def dtype(self, name: str) -> np.dtype:
         return logical_dtype(self.reader(self.steps[-1]).dtype(name))
 
+    def chunk_rows(self, name: str) -> int:
+        """Checkpoints are read by ``pread`` of any row range: no chunk grid to respect."""
+        shape = self.shape(name)
+        return max(1, shape[0]) if shape else 1
+
+    def labels(self, name: str) -> tuple[int, str]:
+        return weight_labels(name)
+
     def read(self, name: str, step: int, rows: slice | None = None) -> np.ndarray:
         return self.reader(step).read(name, rows)
+
+    def read_block(self, name: str, steps: Positions = None, rows: slice | None = None,
+                   out: np.ndarray | None = None) -> np.ndarray:
+        """Each step's rows from its own checkpoint, stacked (into ``out`` when given)."""
+        pos = positions(steps, len(self.steps))
+        shape = self.shape(name)
+        if rows is not None and shape:
+            shape = (len(range(*rows.indices(shape[0]))), *shape[1:])
+        if out is None:
+            out = np.empty((len(pos), *shape), self.dtype(name))
+        for j, i in enumerate(pos):
+            out[j] = self.read(name, self.steps[i], rows)
+        return out
 
     @property
     def files_folder(self) -> Path | None:
@@ -167,14 +179,29 @@ class StoreSource:
     def tensor_names(self) -> list[str]:
         return list(self.run.tensor_names)
 
-    def shape(self, name: str, step: int) -> tuple[int, ...]:
+    def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.run.shape(name))  # the store holds one shape for every step
 
     def dtype(self, name: str) -> np.dtype:
         return logical_dtype(self.run.dtype(name))
 
+    def chunk_rows(self, name: str) -> int:
+        return int(self.run.chunk_rows(name))
+
+    def labels(self, name: str) -> tuple[int, str]:
+        return weight_labels(name)
+
     def read(self, name: str, step: int, rows: slice | None = None) -> np.ndarray:
         return self.run.read(name, step, rows)
+
+    def read_block(self, name: str, steps: Positions = None, rows: slice | None = None,
+                   out: np.ndarray | None = None) -> np.ndarray:
+        if steps is not None and not isinstance(steps, slice):  # the run store takes a list
+            all_steps = self.steps  # as training steps, a slice as positions
+            steps = [all_steps[i] for i in positions(steps, len(all_steps))]
+        if out is None:
+            return self.run.read_block(name, steps, rows)
+        return self.run.read_block(name, steps, rows, out=out)
 
     @cached_property
     def files_folder(self) -> Path | None:
