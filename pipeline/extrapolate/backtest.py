@@ -213,11 +213,10 @@ def run_backtest(
         for p in plans:
             result.tallies[(i, p.name)] = Tally()
     n_steps = len(needed)
-    it: Iterable[TensorPlan] = plans
-    if progress:
-        from tqdm import tqdm
+    from pipeline.console import progress_bar
 
-        it = tqdm(plans, desc="backtest", unit="tensor")
+    it: Iterable[TensorPlan] = progress_bar(desc="backtest", unit="tensor", enabled=progress,
+                                            iterable=plans)
     scratch = 96 if any(m.needs_fit for m in methods.values()) else 16
     for p in it:
         prepared = {(c.method, c.used): prepass_of(source, methods[c.method], p, c.used,
@@ -264,10 +263,7 @@ def write_csv(result: BacktestResult, path: str | Path) -> Path:
 
 def plot_errors(result: BacktestResult, path: str | Path) -> Path:
     """Model-wide relative error vs horizon, one line per method (and cutoff)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from pipeline.report.plots import subplots
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -276,7 +272,7 @@ def plot_errors(result: BacktestResult, path: str | Path) -> Path:
     for i, c in enumerate(result.cases):
         key = c.label if len(cutoffs) == 1 else f"{c.label}, cutoff {c.cutoff}"
         series.setdefault(key, []).append((c.target - c.cutoff, result.overall(i).rel))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = subplots(figsize=(7, 4.5))
     for key, pts in series.items():
         pts.sort()
         style = "k--" if key.startswith(NO_CHANGE) else "-o"
@@ -288,7 +284,6 @@ def plot_errors(result: BacktestResult, path: str | Path) -> Path:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

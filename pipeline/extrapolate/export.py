@@ -485,9 +485,9 @@ def _progress(total: int, enabled: bool) -> Callable[[int | None], None]:
     """A byte-counting progress callback (tqdm); ``None`` closes it."""
     if not enabled:
         return lambda _n: None
-    from tqdm import tqdm
+    from pipeline.console import progress_bar
 
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="export")
+    bar = progress_bar(total, "export", unit="B")
 
     def update(n: int | None) -> None:
         if n is None:
