@@ -20,7 +20,7 @@ from zarr.codecs import BloscCodec
 
 from pipeline.checkpoints.format import bits_dtype
 from pipeline.errors import PipelineError
-from pipeline.store.codec import ENCODING
+from pipeline.store.codec import DEFAULT_KEY_EVERY, ENCODING
 from pipeline.store.integrity import TREE_ALGO
 from pipeline.store.layout import (
     ATTRS_KEY,
@@ -77,9 +77,11 @@ def read_meta(store: Path) -> dict[str, Any] | None:
         raise PipelineError(f"cannot open store: {e}", store) from None
     if not isinstance(meta, dict):
         raise PipelineError("exists and is not an rlvr-lin run store", store)
-    if meta.get("schema_version") != SCHEMA_VERSION:
-        raise PipelineError(f"store schema version {meta.get('schema_version')} is not "
-                            f"{SCHEMA_VERSION}", store)
+    if meta.get("schema_version") != SCHEMA_VERSION or meta.get("encoding") != ENCODING:
+        raise PipelineError(f"store has schema version {meta.get('schema_version')} (encoding "
+                            f"{meta.get('encoding')}); this rlvr-lin reads version "
+                            f"{SCHEMA_VERSION} ({ENCODING}): delete it and ingest the run "
+                            "again", store)
     return meta
 
 
@@ -137,7 +139,7 @@ class StoreState:
         self.meta = {
             "schema_version": SCHEMA_VERSION,
             "encoding": ENCODING,
-            "base_index": 0,
+            "key_every": DEFAULT_KEY_EVERY,  # see codec.reference
             "tensors": {n: t.as_json() for n, t in sorted(self.tensors.items())},
             "model_config": model_config,
             "source": source,
