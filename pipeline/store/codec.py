@@ -23,6 +23,8 @@ base-0 deltas instead of a raw step's (``benchmarks/codec_candidates.py``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from numpy.typing import NDArray
 
@@ -119,6 +121,46 @@ def decode(stored: NDArray, base: NDArray | None, out: NDArray | None = None,
     np.negative(s, out=s)  # 0 or all ones
     np.bitwise_xor(out, scratch, out=out)
     np.add(out, base, out=out)
+    return out
+
+
+def decode_positions(load: Callable[[int], NDArray], idx: list[int], key_every: int,
+                     out: NDArray) -> NDArray:
+    """Bits of positions ``idx`` into ``out[k]`` (shape ``(len(idx), *block)``).
+
+    ``load(p)`` returns position ``p``'s stored block; it is called once
+    per position of ``needed(idx)``, in increasing order. A decoded
+    position goes straight into its ``out`` slot when it is wanted (else
+    into a scratch buffer) and is then the reference of the next position
+    of its chain, so a block of k consecutive steps costs one chain plus k
+    decodes, and memory is ``out`` plus at most two scratch blocks.
+    """
+    slots: dict[int, list[int]] = {}
+    for k, i in enumerate(idx):
+        slots.setdefault(i, []).append(k)
+    decoded: dict[int, NDArray] = {}  # position -> its bits, while still a reference
+    spare: list[NDArray] = []
+    for p in needed(idx, key_every):
+        ref = reference(p, key_every)
+        stored = load(p)
+        if p in slots:
+            dst = out[slots[p][0], ...]
+        else:
+            dst = spare.pop() if spare else np.empty(out.shape[1:], out.dtype)
+        if ref is None:
+            np.copyto(dst, stored)
+        else:
+            if not stored.flags.writeable:
+                stored = stored.copy()
+            decode(stored, decoded[ref], out=dst, overwrite=True)
+        for k in slots.get(p, [])[1:]:
+            np.copyto(out[k, ...], dst)
+        # keep position 0 (every key's reference) and p (the next one's); recycle the rest
+        for q in [q for q in decoded if q not in (0, p)]:
+            buf = decoded.pop(q)
+            if q not in slots:
+                spare.append(buf)
+        decoded[p] = dst
     return out
 
 

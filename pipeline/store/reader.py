@@ -22,7 +22,7 @@ import zarr
 
 from pipeline.checkpoints.format import logical_dtype
 from pipeline.errors import PipelineError
-from pipeline.store.codec import DEFAULT_KEY_EVERY, as_float, as_logical, decode, needed, reference
+from pipeline.store.codec import DEFAULT_KEY_EVERY, as_float, as_logical, decode_positions
 from pipeline.store.layout import TENSORS_GROUP
 from pipeline.store.state import StoreState, read_meta
 
@@ -136,41 +136,8 @@ class RunStore:
 
     def _decode_into(self, arr: zarr.Array, idx: list[int], tail: tuple,
                      out: np.ndarray) -> None:
-        """Decode positions ``idx`` into ``out[k]``; each stored chunk is read and decoded once.
-
-        Positions are walked in increasing order along their chains
-        (``codec.needed``): a decoded position is written straight into its
-        ``out`` slot when it is wanted (else into a scratch buffer) and is
-        then the reference of the next position of its chain, so a block
-        of k consecutive steps costs one chain plus k decodes.
-        """
-        key_every = self._key_every
-        slots: dict[int, list[int]] = {}
-        for k, i in enumerate(idx):
-            slots.setdefault(i, []).append(k)
-        decoded: dict[int, np.ndarray] = {}  # position -> its bits, while still a reference
-        spare: list[np.ndarray] = []
-        for p in needed(idx, key_every):
-            ref = reference(p, key_every)
-            stored = np.asarray(arr[(p, *tail)])
-            if p in slots:
-                dst = out[slots[p][0], ...]
-            else:
-                dst = spare.pop() if spare else np.empty(out.shape[1:], out.dtype)
-            if ref is None:
-                np.copyto(dst, stored)
-            else:
-                if not stored.flags.writeable:
-                    stored = stored.copy()
-                decode(stored, decoded[ref], out=dst, overwrite=True)
-            for k in slots.get(p, [])[1:]:
-                np.copyto(out[k, ...], dst)
-            # keep position 0 (every key's reference) and p (the next one's); free the rest
-            for q in [q for q in decoded if q not in (0, p)]:
-                buf = decoded.pop(q)
-                if q not in slots:
-                    spare.append(buf)
-            decoded[p] = dst
+        """Decode positions ``idx`` into ``out[k]``, reading each stored chunk once."""
+        decode_positions(lambda p: np.asarray(arr[(p, *tail)]), idx, self._key_every, out)
 
     def _positions(self, steps: slice | list[int] | None) -> list[int]:
         n = len(self._steps)
