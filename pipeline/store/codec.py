@@ -94,6 +94,22 @@ def encode_inplace(bits: NDArray, base: NDArray) -> NDArray:
     return bits
 
 
+def encode_into(bits: NDArray, base: NDArray, out: NDArray, scratch: NDArray) -> NDArray:
+    """``encode(bits, base)`` written into ``out``, ``bits`` left as it is.
+
+    ``scratch`` (same shape and dtype) holds the sign mask: with both
+    buffers reused across chunks, encoding allocates nothing and takes four
+    passes, and the caller keeps ``bits`` as the next step's reference
+    without a copy.
+    """
+    np.subtract(bits, base, out=out)
+    s = out.view(_signed(out.dtype))
+    np.right_shift(s, 8 * out.dtype.itemsize - 1, out=scratch.view(s.dtype))
+    np.left_shift(s, 1, out=s)
+    np.bitwise_xor(out, scratch, out=out)
+    return out
+
+
 def decode(stored: NDArray, base: NDArray | None, out: NDArray | None = None,
            overwrite: bool = False) -> NDArray:
     """Inverse of ``encode``: the original bit patterns.

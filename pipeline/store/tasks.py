@@ -38,7 +38,7 @@ from pipeline.store.codec import (
     chain,
     count_nonfinite,
     decode,
-    encode_inplace,
+    encode_into,
     reference,
 )
 from pipeline.store.integrity import TREE_BLOCK, block_digest, block_hasher, tree_digest
@@ -157,6 +157,15 @@ class _ChunkWriter:
         self.root = Path(store) / TENSORS_GROUP
         self.codecs: dict[int, Blosc] = {}
         self.dirs: set[Path] = set()
+        self._scratch: dict[tuple[str, int, str], np.ndarray] = {}
+
+    def scratch(self, which: str, n: int, dtype: np.dtype) -> np.ndarray:
+        """A reusable flat buffer of ``n`` items (reused chunk after chunk: no page faults)."""
+        key = (which, dtype.itemsize, dtype.str)
+        buf = self._scratch.get(key)
+        if buf is None or buf.size < n:
+            buf = self._scratch[key] = np.empty(n, dtype)
+        return buf[:n]
 
     def path(self, array: str, coords: tuple[int, ...]) -> Path:
         return self.root.joinpath(array, "c", *map(str, coords))
@@ -181,7 +190,8 @@ class _ChunkWriter:
     def write(self, array: str, coords: tuple[int, ...], chunk: np.ndarray) -> None:
         """Write one whole chunk atomically; an all-zero chunk is removed, as zarr does."""
         path = self.path(array, coords)
-        if not chunk.any():
+        flat = chunk.reshape(-1)
+        if not flat[:4096].any() and not flat.any():  # moved elements show up early
             path.unlink(missing_ok=True)
             return
         data = self.codec(chunk.dtype.itemsize).encode(np.ascontiguousarray(chunk))
@@ -231,9 +241,10 @@ def _write_chunk(w: _ChunkWriter, spec: PieceSpec, index: int, a: int, bits: np.
                  ref: np.ndarray | None = None, key_every: int = DEFAULT_KEY_EVERY) -> None:
     """Encode rows [a, a + len) of ``spec`` (at most one chunk) into position ``index``.
 
-    ``bits`` must be writable: it is encoded in place. ``ref`` holds the
-    bits of position ``reference(index)`` for these rows (at least as many
-    rows as ``bits``); when not given it is decoded from the store.
+    ``bits`` is left as it is (the caller may keep it as the next step's
+    reference). ``ref`` holds the bits of position ``reference(index)`` for
+    these rows (at least as many rows as ``bits``); when not given it is
+    decoded from the store.
     """
     info = spec.info
     if bits.size == 0:
@@ -245,7 +256,10 @@ def _write_chunk(w: _ChunkWriter, spec: PieceSpec, index: int, a: int, bits: np.
     if r is not None:
         if ref is None:
             ref = _decoded_chunk(w, spec, r, a, key_every)
-        encode_inplace(bits, ref.reshape(-1, *bits.shape[1:])[: bits.shape[0]])
+        n = bits.size
+        out = w.scratch("out", n, bits.dtype).reshape(bits.shape)
+        sign = w.scratch("sign", n, bits.dtype).reshape(bits.shape)
+        bits = encode_into(bits, ref.reshape(-1, *bits.shape[1:])[: bits.shape[0]], out, sign)
     if bits.shape[0] < full[0]:  # edge chunk: zarr pads it with the fill value
         padded = np.zeros(full, bits.dtype)
         padded[: bits.shape[0]] = bits
@@ -344,7 +358,7 @@ def write_ranges(store: str, indices: list[int], rngs: list[RangeSpec],
                     if r is not None and r not in kept and bits.size:
                         kept[r] = _decoded_chunk(w, spec, r, a, key_every)
                     if j + 1 < len(indices) and reference(index + 1, key_every) == index:
-                        kept[index] = bits.copy()
+                        kept[index] = bits  # left as it is by _write_chunk
                     _write_chunk(w, spec, index, a, bits, kept.get(r) if r is not None else None,
                                  key_every)
                     for q in [q for q in kept if q not in (0, index)]:
