@@ -13,10 +13,12 @@ key position (``codec.reference``). Steps are written in batches that
 never cross a key position: each task covers the same rows of every step
 of its batch and encodes each step against the bits it has just read for
 the step before, so only a batch's first step reads its reference back
-from the store, and that reference is always committed (position 0, or
-the position before the first one of this call) or in the same task:
-batches in flight never wait on each other. Commits stay in step order,
-one step at a time, after all of its batch's tasks are done.
+from the store, and that reference is committed (position 0, or the
+position before the first one of this call) or in the same task. The one
+exception is a new store: its first batch writes position 0 itself, and
+tasks of a later batch that read position 0 wait for that batch's tasks
+(a Dask dependency). Commits stay in step order, one step at a time,
+after all of its batch's tasks are done.
 """
 
 from __future__ import annotations
@@ -360,16 +362,15 @@ class _Ingester:
                           "step_pattern": self.opts.step_pattern}, self.opts.chunk_bytes)
         # one resize for the whole batch (positions past the last marker stay invisible)
         state.grow(index0 + len(items) - 1)
-        if index0 == 0:  # the base must be stored before any step is encoded against it
-            self._run_steps(state, index0, items[:1])
-            index0, items = index0 + 1, items[1:]
-        if items:
-            self._run_steps(state, index0, items)
+        self._run_steps(state, index0, items)
 
     def _submit_batch(self, state: StoreState, index0: int,
-                      items: list[tuple[Checkpoint, CheckpointReader]],
+                      items: list[tuple[Checkpoint, CheckpointReader]], after0: list[Any],
                       ) -> tuple[list[_StepJob], list[tuple[Any, list[_StepJob]]]]:
         """Submit the tasks of consecutive steps at positions ``index0...``.
+
+        ``after0``: the futures that write position 0 while it is not
+        committed; a task that reads position 0 from the store waits for them.
 
         Returns the steps' jobs, and each future with the jobs it reports to
         (a multi-step task returns one ``BlockResult`` per job, in order).
@@ -389,11 +390,17 @@ class _Ingester:
         if batched:
             for rs in zip(*plans, strict=True):
                 subs.append((self.client.submit(write_ranges, str(state.path), indices,
-                                                list(rs), key_every, pure=False), jobs))
+                                                list(rs), key_every, after0, pure=False), jobs))
         else:  # layouts differ between steps (or a pickle): one task per range per step
             prev: list[Any] = []  # the previous position's tasks, while it is a reference
             for job, (_, reader) in zip(jobs, items, strict=True):
-                after = prev if reference(job.index, key_every) == job.index - 1 else []
+                ref = reference(job.index, key_every)
+                if ref is not None and ref == job.index - 1 and prev:
+                    after = prev  # the step just before, in this batch
+                elif ref == 0:
+                    after = after0  # position 0, in an earlier batch still running
+                else:
+                    after = []  # the reference is committed
                 futs = [self.client.submit(write_range, str(state.path), job.index, rng,
                                            key_every, after, pure=False)
                         for rng in _plan_ranges(state, reader, per_step)]
@@ -429,9 +436,15 @@ class _Ingester:
         jobs: list[_StepJob] = []
         nxt = 0
 
+        after0: list[Any] = []  # the tasks writing position 0, until it is committed
+
         def submit_next() -> None:
-            nonlocal nxt
-            new, subs = self._submit_batch(state, *batches[nxt])
+            nonlocal nxt, after0
+            start, batch = batches[nxt]
+            new, subs = self._submit_batch(state, start, batch,
+                                           [] if state.steps else after0)
+            if start == 0:
+                after0 = [f for f, _ in subs]
             jobs.extend(new)
             nxt += 1
             for fut, owners in subs:
