@@ -87,3 +87,18 @@ def test_count_nonfinite_every_16_bit_pattern(dtype: str) -> None:
     assert count_nonfinite(finite, dtype) == (0, 0, 0)
     for k in np.flatnonzero(~np.isfinite(f))[::37]:  # any one special value is seen
         assert sum(count_nonfinite(np.append(finite[::1000], allbits[k]), dtype)) == 1
+
+
+@pytest.mark.parametrize("width", [2, 4, 8])
+def test_encode_into_equals_encode_and_leaves_bits(width: int) -> None:
+    u = np.dtype(f"<u{width}")
+    rng = np.random.default_rng(width + 10)
+    hi = np.iinfo(u).max
+    a = rng.integers(0, hi, (64, 3), dtype=u, endpoint=True)
+    b = rng.integers(0, hi, (64, 3), dtype=u, endpoint=True)
+    keep = a.copy()
+    out, scratch = np.full_like(a, 7), np.full_like(a, 9)
+    from pipeline.store.codec import encode_into
+
+    np.testing.assert_array_equal(encode_into(a, b, out, scratch), encode(a, b))
+    np.testing.assert_array_equal(a, keep)

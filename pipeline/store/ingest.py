@@ -8,10 +8,17 @@ check the checkpoint did not change while being read, then commit. A crash
 anywhere before the commit leaves the step invisible; re-running the same
 command rewrites that position from scratch.
 
-Steps are written in batches of up to ``STEPS_PER_TASK``: each task covers
-the same rows of every step of its batch, so a base chunk is decompressed
-once per batch, not once per step. Commits stay in step order, one step at
-a time, after all of its batch's tasks are done.
+Each position is encoded against the previous one, or position 0 for a
+key position (``codec.reference``). Steps are written in batches that
+never cross a key position: each task covers the same rows of every step
+of its batch and encodes each step against the bits it has just read for
+the step before, so only a batch's first step reads its reference back
+from the store, and that reference is committed (position 0, or the
+position before the first one of this call) or in the same task. The one
+exception is a new store: its first batch writes position 0 itself, and
+tasks of a later batch that read position 0 wait for that batch's tasks
+(a Dask dependency). Commits stay in step order, one step at a time,
+after all of its batch's tasks are done.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from typing import Any
 from pipeline.checkpoints.discover import Checkpoint, discover_checkpoints
 from pipeline.checkpoints.reader import CheckpointReader
 from pipeline.errors import PipelineError, check_int, check_number, check_output
+from pipeline.store.codec import DEFAULT_KEY_EVERY, reference
 from pipeline.store.integrity import (
     StoreLock,
     combine_blocks,
@@ -56,7 +64,23 @@ from pipeline.store.tasks import (
     write_ranges,
 )
 
-STEPS_PER_TASK = 8  # most steps one task encodes against one decompressed base chunk
+STEPS_PER_TASK = 8  # most steps in one task (a batch also ends before a key position)
+
+
+def plan_batches(index0: int, n: int, key_every: int, most: int = STEPS_PER_TASK,
+                 ) -> list[tuple[int, int]]:
+    """Split positions ``index0 .. index0+n-1`` into (start, count) batches.
+
+    A batch ends before every key position (so its first position is a key,
+    or the first position of this call) and holds at most ``most`` positions.
+    """
+    out: list[tuple[int, int]] = []
+    i, end = index0, index0 + n
+    while i < end:
+        stop = min(end, i + most, (i // key_every + 1) * key_every)
+        out.append((i, stop - i))
+        i = stop
+    return out
 
 
 class NonFiniteWarning(UserWarning):
@@ -338,16 +362,15 @@ class _Ingester:
                           "step_pattern": self.opts.step_pattern}, self.opts.chunk_bytes)
         # one resize for the whole batch (positions past the last marker stay invisible)
         state.grow(index0 + len(items) - 1)
-        if index0 == 0:  # the base must be stored before any step is encoded against it
-            self._run_steps(state, index0, items[:1])
-            index0, items = index0 + 1, items[1:]
-        if items:
-            self._run_steps(state, index0, items)
+        self._run_steps(state, index0, items)
 
     def _submit_batch(self, state: StoreState, index0: int,
-                      items: list[tuple[Checkpoint, CheckpointReader]],
+                      items: list[tuple[Checkpoint, CheckpointReader]], after0: list[Any],
                       ) -> tuple[list[_StepJob], list[tuple[Any, list[_StepJob]]]]:
         """Submit the tasks of consecutive steps at positions ``index0...``.
+
+        ``after0``: the futures that write position 0 while it is not
+        committed; a task that reads position 0 from the store waits for them.
 
         Returns the steps' jobs, and each future with the jobs it reports to
         (a multi-step task returns one ``BlockResult`` per job, in order).
@@ -362,16 +385,27 @@ class _Ingester:
         batched = (len(items) > 1 and all(len(p) == len(plans[0]) for p in plans)
                    and all(same_pieces(list(rs)) for rs in zip(*plans, strict=True)))
         indices = [j.index for j in jobs]
+        key_every = int(state.meta.get("key_every", DEFAULT_KEY_EVERY))
         subs: list[tuple[Any, list[_StepJob]]] = []
         if batched:
             for rs in zip(*plans, strict=True):
                 subs.append((self.client.submit(write_ranges, str(state.path), indices,
-                                                list(rs), pure=False), jobs))
+                                                list(rs), key_every, after0, pure=False), jobs))
         else:  # layouts differ between steps (or a pickle): one task per range per step
+            prev: list[Any] = []  # the previous position's tasks, while it is a reference
             for job, (_, reader) in zip(jobs, items, strict=True):
-                for rng in _plan_ranges(state, reader, per_step):
-                    subs.append((self.client.submit(write_range, str(state.path), job.index,
-                                                    rng, pure=False), [job]))
+                ref = reference(job.index, key_every)
+                if ref is not None and ref == job.index - 1 and prev:
+                    after = prev  # the step just before, in this batch
+                elif ref == 0:
+                    after = after0  # position 0, in an earlier batch still running
+                else:
+                    after = []  # the reference is committed
+                futs = [self.client.submit(write_range, str(state.path), job.index, rng,
+                                           key_every, after, pure=False)
+                        for rng in _plan_ranges(state, reader, per_step)]
+                subs += [(f, [job]) for f in futs]
+                prev = futs
                 if reader.is_pickle:
                     subs += [(self.client.submit(digest_task, str(f), pure=False), [job])
                              for f in reader.files]
@@ -392,19 +426,25 @@ class _Ingester:
         total = sum(i.nbytes for _, r in items for i in r.tensors.values())
         bar = tqdm(total=total, unit="B", unit_scale=True, disable=not self.opts.progress,
                    desc=f"steps {items[0][0].step}..{items[-1][0].step}", leave=False)
-        # batches of about equal size, at most STEPS_PER_TASK steps; two in flight, so the
-        # workers start on the next batch while the last tasks of the previous one finish
-        n_batches = -(-len(items) // STEPS_PER_TASK)
-        size = -(-len(items) // n_batches)
-        batches = [(index0 + a, items[a: a + size]) for a in range(0, len(items), size)]
+        # batches never cross a key position, at most STEPS_PER_TASK steps; two in flight, so
+        # the workers start on the next batch while the last tasks of the previous one finish
+        key_every = int(state.meta.get("key_every", DEFAULT_KEY_EVERY))
+        batches = [(a, items[a - index0: a - index0 + n])
+                   for a, n in plan_batches(index0, len(items), key_every)]
         owner: dict[Any, list[_StepJob]] = {}
         ac = as_completed()
         jobs: list[_StepJob] = []
         nxt = 0
 
+        after0: list[Any] = []  # the tasks writing position 0, until it is committed
+
         def submit_next() -> None:
-            nonlocal nxt
-            new, subs = self._submit_batch(state, *batches[nxt])
+            nonlocal nxt, after0
+            start, batch = batches[nxt]
+            new, subs = self._submit_batch(state, start, batch,
+                                           [] if state.steps else after0)
+            if start == 0:
+                after0 = [f for f, _ in subs]
             jobs.extend(new)
             nxt += 1
             for fut, owners in subs:

@@ -14,7 +14,9 @@
       records/<i>/         write-once group per position: step, folder, per-file size and
                            content digest, NaN/inf counts
       tensors/<escaped>/   unsigned bits (n, *shape), chunks (1, rows, *rest), fill 0;
-                           position 0 raw, position i>0 encoded against position 0
+                           position 0 raw, a key position (multiple of root attr
+                           key_every) encoded against position 0, any other position
+                           against the position before it (codec.reference)
 
 Chunks along the step axis have length 1, so a step only ever writes its
 own chunks; the row extent of a chunk is chosen so a chunk is about
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: previous-step deltas with key positions (codec.reference)
 ATTRS_KEY = "rlvr_lin"
 STEP_ARRAY = "step"
 TENSORS_GROUP = "tensors"

@@ -22,7 +22,7 @@ import zarr
 
 from pipeline.checkpoints.format import logical_dtype
 from pipeline.errors import PipelineError
-from pipeline.store.codec import as_float, as_logical, decode
+from pipeline.store.codec import DEFAULT_KEY_EVERY, as_float, as_logical, decode_positions
 from pipeline.store.layout import TENSORS_GROUP
 from pipeline.store.state import StoreState, read_meta
 
@@ -40,6 +40,7 @@ class RunStore:
         """Re-read which steps are committed (steps only ever get appended)."""
         st = StoreState.open(self.path)
         self._meta = st.meta
+        self._key_every = int(st.meta.get("key_every", DEFAULT_KEY_EVERY))
         self._steps = list(st.steps)
         self._records = st.records
         self._arrays: dict[str, zarr.Array] = {}
@@ -130,25 +131,13 @@ class RunStore:
             raise ValueError(f"out is {out.shape} {out.dtype}, the block is {shape} {dtype}")
         if not idx:
             return out
-        base = None
-        if any(i != 0 for i in idx):  # the base step, read once
-            k0 = idx.index(0) if 0 in idx else None
-            base = np.asarray(arr[(0, *tail)])
-            if k0 is not None:
-                np.copyto(out[k0, ...], base)
-                base = out[k0, ...]
-        for k, i in enumerate(idx):
-            if i == 0:
-                if base is None:
-                    np.copyto(out[k, ...], np.asarray(arr[(0, *tail)]))
-                elif not np.shares_memory(out[k, ...], base):
-                    np.copyto(out[k, ...], base)
-                continue
-            stored = np.asarray(arr[(i, *tail)])
-            if not stored.flags.writeable:
-                stored = stored.copy()
-            decode(stored, base, out=out[k, ...], overwrite=True)
+        self._decode_into(arr, idx, tail, out)
         return out
+
+    def _decode_into(self, arr: zarr.Array, idx: list[int], tail: tuple,
+                     out: np.ndarray) -> None:
+        """Decode positions ``idx`` into ``out[k]``, reading each stored chunk once."""
+        decode_positions(lambda p: np.asarray(arr[(p, *tail)]), idx, self._key_every, out)
 
     def _positions(self, steps: slice | list[int] | None) -> list[int]:
         n = len(self._steps)
@@ -181,15 +170,10 @@ class RunStore:
         """Lazy ``(n_steps, *shape)`` dask array, chunked like the store; logical dtype default."""
         import dask.array as da
 
-        arr = self._array(name)
-        n = len(self._steps)
-        stored = da.from_zarr(arr)[:n]
-        if n > 1:
-            base = stored[:1]
-            decoded = da.concatenate([base, stored[1:].map_blocks(
-                _decode_block, base, dtype=stored.dtype)], axis=0)
-        else:
-            decoded = stored
+        view = _DecodedBits(self, name)
+        chunks = tuple(c if i else 1 for i, c in enumerate(self._array(name).chunks))
+        decoded = da.from_array(view, chunks=chunks[: view.ndim], asarray=False, fancy=False,
+                                name=f"rlvr-lin-{self.path}-{name}-{len(self._steps)}")
         logical = logical_dtype(self.dtype(name))
         out = decoded.map_blocks(np.ndarray.view, logical, dtype=logical)
         return out if dtype is None else out.astype(dtype)
@@ -225,8 +209,38 @@ def _native(dtype: Any) -> np.dtype:
     return np.dtype(dtype.to_native_dtype() if hasattr(dtype, "to_native_dtype") else dtype)
 
 
-def _decode_block(stored: np.ndarray, base: np.ndarray) -> np.ndarray:
-    return decode(stored, base)
+class _DecodedBits:
+    """Array-like over a tensor's decoded bits, for ``dask.array.from_array``.
+
+    Slicing reads through ``read_bits`` (so chains are decoded there and
+    nowhere else). Pickles as (path, name, steps) and reopens the store on
+    the worker, holding that snapshot's steps only.
+    """
+
+    def __init__(self, store: RunStore, name: str) -> None:
+        self.store, self.name = store, name
+        self.shape = (len(store.steps), *store.shape(name))
+        self.dtype = _native(store._array(name).dtype)
+        self.ndim = len(self.shape)
+
+    def __reduce__(self) -> tuple:
+        return (_reopen_bits, (str(self.store.path), self.name, self.store.steps))
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        steps = key[0] if key else slice(None)
+        rows = key[1] if len(key) > 1 and self.ndim > 1 else None
+        bits = self.store.read_bits(self.name, steps, rows)
+        rest = key[2:] if self.ndim > 1 else ()
+        return bits[(slice(None), slice(None), *rest)] if rest else bits
+
+
+def _reopen_bits(path: str, name: str, steps: list[int]) -> _DecodedBits:
+    store = RunStore(path)
+    if store.steps[: len(steps)] != steps:
+        raise PipelineError("store changed since it was opened (steps differ)", path)
+    store._steps = list(steps)
+    return _DecodedBits(store, name)
 
 
 def open_run(store: str | Path) -> RunStore:

@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
 
 from pipeline.checkpoints.format import bits_dtype
 from pipeline.errors import PipelineError
-from pipeline.store.codec import ENCODING
+from pipeline.store import zmeta
+from pipeline.store.codec import DEFAULT_KEY_EVERY, ENCODING
 from pipeline.store.integrity import TREE_ALGO
 from pipeline.store.layout import (
     ATTRS_KEY,
@@ -36,8 +36,9 @@ from pipeline.store.layout import (
 from pipeline.store.naming import check_names
 
 
-def compressor(itemsize: int) -> BloscCodec:
-    return BloscCodec(cname="zstd", clevel=CLEVEL, shuffle="shuffle", typesize=itemsize)
+def compressor(itemsize: int) -> dict[str, Any]:
+    """The tensors' compressor entry (zarr's ``BloscCodec``; ``tasks.chunk_codec`` runs it)."""
+    return zmeta.blosc_codec(itemsize, "zstd", CLEVEL, "shuffle")
 
 
 @dataclass
@@ -77,9 +78,11 @@ def read_meta(store: Path) -> dict[str, Any] | None:
         raise PipelineError(f"cannot open store: {e}", store) from None
     if not isinstance(meta, dict):
         raise PipelineError("exists and is not an rlvr-lin run store", store)
-    if meta.get("schema_version") != SCHEMA_VERSION:
-        raise PipelineError(f"store schema version {meta.get('schema_version')} is not "
-                            f"{SCHEMA_VERSION}", store)
+    if meta.get("schema_version") != SCHEMA_VERSION or meta.get("encoding") != ENCODING:
+        raise PipelineError(f"store has schema version {meta.get('schema_version')} (encoding "
+                            f"{meta.get('encoding')}); this rlvr-lin reads version "
+                            f"{SCHEMA_VERSION} ({ENCODING}): delete it and ingest the run "
+                            "again", store)
     return meta
 
 
@@ -117,8 +120,7 @@ class StoreState:
             st.tensors = {n: TensorEntry(t["path"], t["dtype"], tuple(t["shape"]))
                           for n, t in meta["tensors"].items()}
         for i in range(len(st.steps)):
-            st.records.append(dict(zarr.open_group(str(path), path=record_path(i),
-                                                   mode="r").attrs))
+            st.records.append(zmeta.read_node(path / record_path(i))["attributes"])
         return st
 
     def record_for(self, step: int) -> dict[str, Any]:
@@ -133,48 +135,39 @@ class StoreState:
         discard_layout(self.path)
         paths = check_names(sorted(table))
         self.tensors = {n: TensorEntry(paths[n], d, s) for n, (d, s) in table.items()}
-        s = str(self.path)
         self.meta = {
             "schema_version": SCHEMA_VERSION,
             "encoding": ENCODING,
-            "base_index": 0,
+            "key_every": DEFAULT_KEY_EVERY,  # see codec.reference
             "tensors": {n: t.as_json() for n, t in sorted(self.tensors.items())},
             "model_config": model_config,
             "source": source,
             "chunk_bytes": chunk_bytes,
             "digest": TREE_ALGO,  # algorithm of the file digests in records (name: prefix)
         }
-        root = zarr.open_group(s, mode="a")  # the lock file is already there: not "w-"
-        root.attrs.put({ATTRS_KEY: self.meta})
-        root.create_group(TENSORS_GROUP)
-        root.create_group(RECORDS_GROUP)
-        zarr.create_array(s, name=STEP_ARRAY, shape=(0,), dtype="int64", chunks=(1,),
-                          fill_value=NOT_COMMITTED, compressors=None,
-                          dimension_names=["step"])
+        # zarr's own documents, written by hand (zmeta): zarr's API costs ms per node
+        zmeta.write_node(self.path, zmeta.group_doc({ATTRS_KEY: self.meta}))
+        zmeta.write_node(self.path / TENSORS_GROUP, zmeta.group_doc())
+        zmeta.write_node(self.path / RECORDS_GROUP, zmeta.group_doc())
+        zmeta.write_node(self.path / STEP_ARRAY, zmeta.array_doc(
+            (0,), np.dtype("int64"), (1,), NOT_COMMITTED, [], None, ["step"]))
         for name, t in self.tensors.items():
             bd = bits_dtype(t.dtype)
-            zarr.create_array(
-                s, name=f"{TENSORS_GROUP}/{t.path}", shape=(0, *t.shape), dtype=bd,
-                chunks=chunk_shape(t.shape, bd.itemsize, chunk_bytes), fill_value=0,
-                compressors=[compressor(bd.itemsize)],
-                dimension_names=["step", *(f"dim_{i}" for i in range(len(t.shape)))],
-                attributes={"name": name, "dtype": t.dtype, "encoding": ENCODING},
-            )
+            zmeta.write_node(self.path / TENSORS_GROUP / t.path, zmeta.array_doc(
+                (0, *t.shape), bd, chunk_shape(t.shape, bd.itemsize, chunk_bytes), 0,
+                [compressor(bd.itemsize)], {"name": name, "dtype": t.dtype, "encoding": ENCODING},
+                ["step", *(f"dim_{i}" for i in range(len(t.shape)))]))
 
     def grow(self, index: int) -> None:
         """Give every array exactly ``index + 1`` positions (idempotent on resume)."""
-        s = str(self.path)
-        zarr.open_array(s, path=STEP_ARRAY, mode="r+").resize((index + 1,))
+        zmeta.resize(self.path / STEP_ARRAY, (index + 1,))
         for t in self.tensors.values():
-            zarr.open_array(s, path=f"{TENSORS_GROUP}/{t.path}", mode="r+").resize(
-                (index + 1, *t.shape))
+            zmeta.resize(self.path / TENSORS_GROUP / t.path, (index + 1, *t.shape))
 
     def commit(self, index: int, step: int, record: dict[str, Any]) -> None:
         """Record, then marker (the commit point), then the root summary."""
-        s = str(self.path)
-        zarr.create_group(s, path=record_path(index), overwrite=True, attributes=record)
-        arr = zarr.open_array(s, path=STEP_ARRAY, mode="r+")
-        arr[index] = step
+        zmeta.write_node(self.path / record_path(index), zmeta.group_doc(record))
+        zmeta.write_scalar_chunk(self.path / STEP_ARRAY, index, step, np.dtype("int64"))
         self.steps.append(step)
         self.records.append(record)
         self.write_summary()
@@ -187,4 +180,4 @@ class StoreState:
         self.meta["nonfinite"] = {str(s): r["nonfinite"] for s, r in
                                   zip(self.steps, self.records, strict=True) if r["nonfinite"]}
         self.meta["checkpoint_bytes"] = sum(r["checkpoint_bytes"] for r in self.records)
-        zarr.open_group(str(self.path), mode="r+").attrs.put({ATTRS_KEY: self.meta})
+        zmeta.set_attributes(self.path, {ATTRS_KEY: self.meta})

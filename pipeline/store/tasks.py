@@ -8,14 +8,17 @@ whatever the task's size), hashes every byte of the range on the way (the
 file digest is combined from fixed 1 MiB blocks, see ``integrity``), and
 writes each chunk of its step position as one file.
 
-A task may cover the same byte range of several steps (``write_ranges``):
-it then decompresses each base (step-0) chunk once and encodes every step's
-chunk against it, instead of once per step.
+A task may cover the same byte range of several consecutive steps
+(``write_ranges``): each step's chunk is then encoded against the previous
+step's bits it has just read itself (``codec.reference``), and only the
+first step's reference is read back from the store (decoded along its
+chain). The reference always comes from the store or from this task's own
+reads of the previous step, never from the new checkpoint alone.
 
 Chunks are written the way zarr itself writes them (same key, same codec,
 edge chunks padded with the fill value, all-fill chunks absent), without
 zarr's per-call machinery; ``tests/test_store_*`` checks the bytes are
-identical to zarr's. The base chunk for a step > 0 is read the same way.
+identical to zarr's. Reference chunks are read back the same way.
 """
 
 from __future__ import annotations
@@ -30,7 +33,14 @@ from numcodecs import Blosc
 
 from pipeline.checkpoints.format import TensorInfo, bits_dtype, pread_exact, read_rows_bits
 from pipeline.errors import PipelineError
-from pipeline.store.codec import count_nonfinite, encode_inplace
+from pipeline.store.codec import (
+    DEFAULT_KEY_EVERY,
+    chain,
+    count_nonfinite,
+    decode,
+    encode_into,
+    reference,
+)
 from pipeline.store.integrity import TREE_BLOCK, block_digest, block_hasher, tree_digest
 from pipeline.store.layout import CLEVEL, TENSORS_GROUP
 
@@ -147,6 +157,15 @@ class _ChunkWriter:
         self.root = Path(store) / TENSORS_GROUP
         self.codecs: dict[int, Blosc] = {}
         self.dirs: set[Path] = set()
+        self._scratch: dict[tuple[str, int, str], np.ndarray] = {}
+
+    def scratch(self, which: str, n: int, dtype: np.dtype) -> np.ndarray:
+        """A reusable flat buffer of ``n`` items (reused chunk after chunk: no page faults)."""
+        key = (which, dtype.itemsize, dtype.str)
+        buf = self._scratch.get(key)
+        if buf is None or buf.size < n:
+            buf = self._scratch[key] = np.empty(n, dtype)
+        return buf[:n]
 
     def path(self, array: str, coords: tuple[int, ...]) -> Path:
         return self.root.joinpath(array, "c", *map(str, coords))
@@ -171,7 +190,8 @@ class _ChunkWriter:
     def write(self, array: str, coords: tuple[int, ...], chunk: np.ndarray) -> None:
         """Write one whole chunk atomically; an all-zero chunk is removed, as zarr does."""
         path = self.path(array, coords)
-        if not chunk.any():
+        flat = chunk.reshape(-1)
+        if not flat[:4096].any() and not flat.any():  # moved elements show up early
             path.unlink(missing_ok=True)
             return
         data = self.codec(chunk.dtype.itemsize).encode(np.ascontiguousarray(chunk))
@@ -196,18 +216,35 @@ def _chunk_at(spec: PieceSpec, index: int, a: int) -> tuple[tuple[int, ...], tup
     return (index,), (1,)  # a scalar is stored as (n_steps,) with chunks (1,)
 
 
-def _base_chunk(w: _ChunkWriter, spec: PieceSpec, a: int) -> np.ndarray:
-    """The whole stored base (position 0) chunk holding row ``a`` of ``spec``."""
-    coords, full = _chunk_at(spec, 0, a)
-    return w.read(spec.array, coords, full, bits_dtype(spec.info.dtype))
+def _decoded_chunk(w: _ChunkWriter, spec: PieceSpec, index: int, a: int,
+                   key_every: int) -> np.ndarray:
+    """Bits of the whole stored chunk at position ``index`` holding row ``a``, decoded.
+
+    Reads the chunk's chain (position 0, its key, the deltas up to
+    ``index``): at most ``key_every + 1`` chunks.
+    """
+    dtype = bits_dtype(spec.info.dtype)
+    base = cur = None
+    for p in chain(index, key_every):
+        coords, full = _chunk_at(spec, p, a)
+        stored = w.read(spec.array, coords, full, dtype)
+        ref = reference(p, key_every)
+        cur = stored if ref is None else decode(stored, base if ref == 0 else cur,
+                                                 overwrite=True)
+        if p == 0:
+            base = cur
+    assert cur is not None
+    return cur
 
 
 def _write_chunk(w: _ChunkWriter, spec: PieceSpec, index: int, a: int, bits: np.ndarray,
-                 base: np.ndarray | None = None) -> None:
+                 ref: np.ndarray | None = None, key_every: int = DEFAULT_KEY_EVERY) -> None:
     """Encode rows [a, a + len) of ``spec`` (at most one chunk) into position ``index``.
 
-    ``bits`` must be writable: it is encoded in place. ``base`` is the
-    chunk's base (``_base_chunk``), read here when not given.
+    ``bits`` is left as it is (the caller may keep it as the next step's
+    reference). ``ref`` holds the bits of position ``reference(index)`` for
+    these rows (at least as many rows as ``bits``); when not given it is
+    decoded from the store.
     """
     info = spec.info
     if bits.size == 0:
@@ -215,10 +252,14 @@ def _write_chunk(w: _ChunkWriter, spec: PieceSpec, index: int, a: int, bits: np.
     coords, full = _chunk_at(spec, index, a)
     if not info.shape:
         bits = bits.reshape(1)
-    if index > 0:
-        if base is None:
-            base = _base_chunk(w, spec, a)
-        encode_inplace(bits, base[: bits.shape[0]])
+    r = reference(index, key_every)
+    if r is not None:
+        if ref is None:
+            ref = _decoded_chunk(w, spec, r, a, key_every)
+        n = bits.size
+        out = w.scratch("out", n, bits.dtype).reshape(bits.shape)
+        sign = w.scratch("sign", n, bits.dtype).reshape(bits.shape)
+        bits = encode_into(bits, ref.reshape(-1, *bits.shape[1:])[: bits.shape[0]], out, sign)
     if bits.shape[0] < full[0]:  # edge chunk: zarr pads it with the fill value
         padded = np.zeros(full, bits.dtype)
         padded[: bits.shape[0]] = bits
@@ -246,7 +287,8 @@ def _add_nonfinite(nonfinite: dict[str, tuple[int, int, int]], spec: PieceSpec,
         nonfinite[spec.info.name] = tuple(x + y for x, y in zip(old, c, strict=True))
 
 
-def _write_pickle_range(w: _ChunkWriter, index: int, rng: RangeSpec) -> BlockResult:
+def _write_pickle_range(w: _ChunkWriter, index: int, rng: RangeSpec,
+                        key_every: int) -> BlockResult:
     """A pickle's pieces: torch reads each tensor, the digest is a separate task."""
     from pipeline.checkpoints.reader import CheckpointReader
 
@@ -260,7 +302,7 @@ def _write_pickle_range(w: _ChunkWriter, index: int, rng: RangeSpec) -> BlockRes
         _add_nonfinite(nonfinite, spec, block)
         for a, b in _row_spans(spec):
             part = block[a - spec.start: b - spec.start] if spec.info.shape else block
-            _write_chunk(w, spec, index, a, part)
+            _write_chunk(w, spec, index, a, part, key_every=key_every)
     return BlockResult(nbytes, nonfinite)
 
 
@@ -273,18 +315,25 @@ def same_pieces(rngs: list[RangeSpec]) -> bool:
                                                           for r in rngs[1:])
 
 
-def write_ranges(store: str, indices: list[int], rngs: list[RangeSpec]) -> list[BlockResult]:
-    """``write_range`` of several steps whose ranges hold the same pieces (``same_pieces``).
+def write_ranges(store: str, indices: list[int], rngs: list[RangeSpec],
+                 key_every: int = DEFAULT_KEY_EVERY, after: object = None) -> list[BlockResult]:
+    """``write_range`` of consecutive positions whose ranges hold the same pieces.
 
-    Chunk by chunk: the base chunk is decompressed once, then each step's
-    rows are read, hashed, counted, encoded against it and written. Memory
-    is the base chunk and one step's chunk, whatever the number of steps.
+    Chunk by chunk, step by step: each step's rows are read, hashed,
+    counted, encoded against their reference and written. A reference
+    that is the previous position of this task is the bits this task just
+    read for it (kept before encoding); any other (the first position's,
+    or position 0 for a key) is decoded from the store once per chunk.
+    Memory is a few chunks, whatever the number of steps. ``after`` is
+    ignored: it carries the futures this task must wait for.
     """
     if len(indices) != len(rngs):
         raise ValueError("one position per range")
+    if any(b != a + 1 for a, b in zip(indices, indices[1:], strict=False)):
+        raise ValueError("positions of a multi-step task must be consecutive")
     w = _ChunkWriter(store)
     if len(rngs) == 1 and rngs[0].file is None:
-        return [_write_pickle_range(w, indices[0], rngs[0])]
+        return [_write_pickle_range(w, indices[0], rngs[0], key_every)]
     if not same_pieces(rngs):
         raise ValueError("ranges of a multi-step task must hold the same pieces")
     fds: list[int] = []
@@ -297,7 +346,7 @@ def write_ranges(store: str, indices: list[int], rngs: list[RangeSpec]) -> list[
         nbytes = [0] * len(rngs)
         for p, spec0 in enumerate(rngs[0].pieces):
             for a, b in _row_spans(spec0):
-                base = None
+                kept: dict[int, np.ndarray] = {}  # position -> its bits, read by this task
                 for j, (index, rng) in enumerate(zip(indices, rngs, strict=True)):
                     spec = rng.pieces[p]
                     info = spec.info
@@ -305,9 +354,15 @@ def write_ranges(store: str, indices: list[int], rngs: list[RangeSpec]) -> list[
                     hashers[j].feed(info.offset + a * info.row_bytes, raw)  # before encoding
                     nbytes[j] += bits.nbytes
                     _add_nonfinite(nonfinite[j], spec, bits)
-                    if index > 0 and base is None and bits.size:
-                        base = _base_chunk(w, spec, a)  # once for all steps of the task
-                    _write_chunk(w, spec, index, a, bits, base)
+                    r = reference(index, key_every)
+                    if r is not None and r not in kept and bits.size:
+                        kept[r] = _decoded_chunk(w, spec, r, a, key_every)
+                    if j + 1 < len(indices) and reference(index + 1, key_every) == index:
+                        kept[index] = bits  # left as it is by _write_chunk
+                    _write_chunk(w, spec, index, a, bits, kept.get(r) if r is not None else None,
+                                 key_every)
+                    for q in [q for q in kept if q not in (0, index)]:
+                        del kept[q]
                     del bits, raw
         blocks = [h.finish(size) for h, size in zip(hashers, sizes, strict=True)]
     finally:
@@ -317,9 +372,14 @@ def write_ranges(store: str, indices: list[int], rngs: list[RangeSpec]) -> list[
             for n, nf, r, bl in zip(nbytes, nonfinite, rngs, blocks, strict=True)]
 
 
-def write_range(store: str, index: int, rng: RangeSpec) -> BlockResult:
-    """Encode and write position ``index`` of every piece of ``rng``; hash its bytes."""
-    return write_ranges(store, [index], [rng])[0]
+def write_range(store: str, index: int, rng: RangeSpec, key_every: int = DEFAULT_KEY_EVERY,
+                after: object = None) -> BlockResult:
+    """Encode and write position ``index`` of every piece of ``rng``; hash its bytes.
+
+    ``after`` is ignored: it carries the futures (the previous position's
+    tasks) that must finish before this one reads its reference.
+    """
+    return write_ranges(store, [index], [rng], key_every)[0]
 
 
 def digest_task(path: str) -> tuple[str, int, str]:
