@@ -131,7 +131,9 @@ class StoreState:
     def create(self, table: dict[str, tuple[str, tuple[int, ...]]], model_config: dict | None,
                source: dict[str, Any], chunk_bytes: int) -> None:
         """Lay out an empty store (discarding leftovers of an attempt that never committed)."""
-        assert not self.steps
+        if self.steps:  # discarding the layout would destroy committed steps
+            raise PipelineError(f"refusing to lay out a store that holds {len(self.steps)} "
+                                f"committed steps", self.path)
         discard_layout(self.path)
         paths = check_names(sorted(table))
         self.tensors = {n: TensorEntry(paths[n], d, s) for n, (d, s) in table.items()}
