@@ -31,18 +31,12 @@ import numpy as np
 import zarr
 
 from pipeline.errors import PipelineError
+from pipeline.steps import axis
 from pipeline.store.naming import check_names
 
 ATTRS_KEY = "rlvr_lin_steps"
 SCHEMA_VERSION = 1
-STEP_ARRAY = "step"
-RECORDS_GROUP = "records"
 ARRAYS_GROUP = "arrays"
-NOT_COMMITTED = -1
-
-
-def record_path(index: int) -> str:
-    return f"{RECORDS_GROUP}/{index:08d}"
 
 
 @dataclass(frozen=True)
@@ -90,10 +84,8 @@ class StepStore:
             "arrays": {n: {"path": paths[n], "dtype": a.dtype, "shape": list(a.shape)}
                        for n, a in sorted(arrays.items())},
             "attrs": dict(attrs or {})}})
-        root.create_group(RECORDS_GROUP)
         root.create_group(ARRAYS_GROUP)
-        zarr.create_array(s, name=STEP_ARRAY, shape=(0,), dtype="int64", chunks=(1,),
-                          fill_value=NOT_COMMITTED, compressors=None, dimension_names=["step"])
+        axis.layout(path)
         for name, a in arrays.items():
             zarr.create_array(s, name=f"{ARRAYS_GROUP}/{paths[name]}", shape=(0, *a.shape),
                               dtype=a.dtype, chunks=a.chunks(), fill_value=a.fill_value,
@@ -122,12 +114,8 @@ class StepStore:
             raise PipelineError(f"not a step store of schema {SCHEMA_VERSION}", p)
         self._meta = meta
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
-        marker = zarr.open_array(str(p), path=STEP_ARRAY, mode="r")
-        vals = np.asarray(marker[:])
-        missing = np.flatnonzero(vals == NOT_COMMITTED)
-        n = int(missing[0]) if missing.size else vals.size
-        self._steps = [int(v) for v in vals[:n]]
-        self._positions = int(vals.size)
+        self._steps = axis.committed_steps(p)
+        self._positions = axis.positions(p)
         return self
 
     # -- what is there -----------------------------------------------------------------------
@@ -162,7 +150,7 @@ class StepStore:
         return np.dtype(self.spec(name)["dtype"])
 
     def record(self, index: int) -> dict[str, Any]:
-        return dict(zarr.open_group(str(self.path), path=record_path(index), mode="r").attrs)
+        return dict(axis.read_record(self.path, index))
 
     def array(self, name: str, mode: str = "r") -> zarr.Array:
         arr = self._arrays.get((name, mode))
@@ -196,16 +184,14 @@ class StepStore:
     def begin(self, step: int) -> int:
         """The position ``step`` goes to, with room made in every array (idempotent)."""
         step = int(step)
-        if self._steps and step <= self._steps[-1]:
-            raise PipelineError(f"step {step} is not after the last committed step "
-                                f"{self._steps[-1]} (steps are append-only)", self.path)
+        why = axis.check_append(self._steps[-1] if self._steps else None, step)
+        if why:
+            raise PipelineError(why, self.path)
         index = len(self._steps)
-        s = str(self.path)
         if self._positions != index + 1:
-            zarr.open_array(s, path=STEP_ARRAY, mode="r+").resize((index + 1,))
-            for name in self.names:
-                arr = self.array(name, "r+")
-                arr.resize((index + 1, *self.shape(name)))
+            axis.grow(self.path, index, ((self.path / ARRAYS_GROUP / self.spec(n)["path"],
+                                          self.shape(n)) for n in self.names))
+            self._arrays.clear()  # their shapes changed on disk
             self._positions = index + 1
         return index
 
@@ -230,10 +216,7 @@ class StepStore:
         """The record, then the marker: from here on readers see the step."""
         if index != len(self._steps):
             raise PipelineError(f"position {index} is not the one being appended", self.path)
-        s = str(self.path)
-        zarr.create_group(s, path=record_path(index), overwrite=True,
-                          attributes={"step": int(step), **dict(record or {})})
-        zarr.open_array(s, path=STEP_ARRAY, mode="r+")[index] = int(step)
+        axis.commit(self.path, index, step, {"step": int(step), **dict(record or {})})
         self._steps.append(int(step))
 
     def append(self, step: int, values: Mapping[str, np.ndarray],

@@ -28,19 +28,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# the step axis (marker array, records, commit protocol) is every step store's: steps.axis
+from pipeline.steps.axis import NOT_COMMITTED, RECORDS_GROUP, STEP_ARRAY, record_path  # noqa: F401
+
 SCHEMA_VERSION = 2  # 2: previous-step deltas with key positions (codec.reference)
 ATTRS_KEY = "rlvr_lin"
-STEP_ARRAY = "step"
 TENSORS_GROUP = "tensors"
-RECORDS_GROUP = "records"
-NOT_COMMITTED = -1
 DEFAULT_CHUNK_BYTES = 4 << 20
 DEFAULT_BLOCK_BYTES = 32 << 20
 CLEVEL = 1  # blosc zstd level 1 + byte shuffle: smallest and fastest on real bf16 deltas
-
-
-def record_path(index: int) -> str:
-    return f"{RECORDS_GROUP}/{index:08d}"
 
 
 def chunk_rows(shape: tuple[int, ...], itemsize: int,

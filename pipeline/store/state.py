@@ -14,24 +14,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import zarr
 
 from pipeline.checkpoints.format import bits_dtype
 from pipeline.errors import PipelineError
+from pipeline.steps import axis
 from pipeline.store import zmeta
 from pipeline.store.codec import DEFAULT_KEY_EVERY, ENCODING
 from pipeline.store.integrity import TREE_ALGO
 from pipeline.store.layout import (
     ATTRS_KEY,
     CLEVEL,
-    NOT_COMMITTED,
     RECORDS_GROUP,
     SCHEMA_VERSION,
     STEP_ARRAY,
     TENSORS_GROUP,
     chunk_shape,
-    record_path,
 )
 from pipeline.store.naming import check_names
 
@@ -87,15 +85,8 @@ def read_meta(store: Path) -> dict[str, Any] | None:
 
 
 def committed_steps(store: Path) -> list[int]:
-    """Steps whose completion marker is set: the prefix of ``step`` with no fill value."""
-    try:
-        arr = zarr.open_array(str(store), path=STEP_ARRAY, mode="r")
-    except (FileNotFoundError, zarr.errors.NodeNotFoundError):
-        return []
-    vals = np.asarray(arr[:])
-    missing = np.flatnonzero(vals == NOT_COMMITTED)
-    n = int(missing[0]) if missing.size else vals.size
-    return [int(v) for v in vals[:n]]
+    """Steps whose completion marker is set (the step axis's protocol: ``steps.axis``)."""
+    return axis.committed_steps(store)
 
 
 @dataclass
@@ -120,7 +111,7 @@ class StoreState:
             st.tensors = {n: TensorEntry(t["path"], t["dtype"], tuple(t["shape"]))
                           for n, t in meta["tensors"].items()}
         for i in range(len(st.steps)):
-            st.records.append(zmeta.read_node(path / record_path(i))["attributes"])
+            st.records.append(axis.read_record(path, i))
         return st
 
     def record_for(self, step: int) -> dict[str, Any]:
@@ -150,9 +141,7 @@ class StoreState:
         # zarr's own documents, written by hand (zmeta): zarr's API costs ms per node
         zmeta.write_node(self.path, zmeta.group_doc({ATTRS_KEY: self.meta}))
         zmeta.write_node(self.path / TENSORS_GROUP, zmeta.group_doc())
-        zmeta.write_node(self.path / RECORDS_GROUP, zmeta.group_doc())
-        zmeta.write_node(self.path / STEP_ARRAY, zmeta.array_doc(
-            (0,), np.dtype("int64"), (1,), NOT_COMMITTED, [], None, ["step"]))
+        axis.layout(self.path)
         for name, t in self.tensors.items():
             bd = bits_dtype(t.dtype)
             zmeta.write_node(self.path / TENSORS_GROUP / t.path, zmeta.array_doc(
@@ -162,14 +151,12 @@ class StoreState:
 
     def grow(self, index: int) -> None:
         """Give every array exactly ``index + 1`` positions (idempotent on resume)."""
-        zmeta.resize(self.path / STEP_ARRAY, (index + 1,))
-        for t in self.tensors.values():
-            zmeta.resize(self.path / TENSORS_GROUP / t.path, (index + 1, *t.shape))
+        axis.grow(self.path, index, ((self.path / TENSORS_GROUP / t.path, t.shape)
+                                     for t in self.tensors.values()))
 
     def commit(self, index: int, step: int, record: dict[str, Any]) -> None:
         """Record, then marker (the commit point), then the root summary."""
-        zmeta.write_node(self.path / record_path(index), zmeta.group_doc(record))
-        zmeta.write_scalar_chunk(self.path / STEP_ARRAY, index, step, np.dtype("int64"))
+        axis.commit(self.path, index, step, record)
         self.steps.append(step)
         self.records.append(record)
         self.write_summary()
