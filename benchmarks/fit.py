@@ -169,13 +169,15 @@ def make_synthetic(out: Path, gb: float, n_steps: int = 12) -> Path:
     import numpy as np
     from safetensors.numpy import save_file
 
-    per_step = gb * 1e9 / n_steps
-    hidden = 1024
-    inter = 2816
+    per_step = gb * 1e9 / n_steps / 2  # bf16 elements per step
+    hidden = 512
+    inter = 1408
     layer_elems = 4 * hidden * hidden + 3 * hidden * inter
-    n_layers = max(1, int(per_step / 2 / layer_elems))
+    # a quarter in the embeddings, the rest in layers: sizes scale by ~3 M elements
+    vocab = max(64, int(per_step * 0.25 / 2 / hidden))
+    n_layers = max(1, round(per_step * 0.75 / layer_elems))
     rng = np.random.default_rng(0)
-    shapes = {"model.embed_tokens.weight": (8192, hidden), "lm_head.weight": (8192, hidden),
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden),
               "model.norm.weight": (hidden,)}
     for i in range(n_layers):
         p = f"model.layers.{i}."

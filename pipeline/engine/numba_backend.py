@@ -18,6 +18,7 @@ compiled code on disk, so a worker process loads it instead of compiling.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -41,7 +42,10 @@ from pipeline.engine.spec import (
 TILE = 2048  # elements per tile: ~300 KB of accumulators and scratch, in L2
 N_F = 11  # float64 accumulators: sd sxd sdd se sxe see e dprev w0 min max
 N_B = 3  # uint64 bit patterns: w0 v1 v2 (a slot equal to w0 is empty)
+R2, NR2 = N_F + 1, N_F + 2  # scratch rows of S after the decoded row: R² and null R²
 _THR = np.array(THRESHOLDS, np.float64)
+if _THR.shape != (2,):  # the counters of ``_finish`` are written out for two thresholds
+    raise ImportError("numba_backend counts exactly two R² thresholds")
 _OPTS: dict[str, Any] = {"cache": True, "nogil": True, "error_model": "numpy"}
 
 
@@ -151,98 +155,126 @@ def _accumulate(bits, kind, lut, wide, xs, words, off, negz, first, lo, hi, S, U
             sxe[i] += x * ev
             see[i] += ev * ev
             dprev[i] = d
-        for i in range(n):  # the range and the distinct values: branches, kept apart
+        for i in range(n):  # the range: selects, no branches (a NaN stays, as np.minimum's)
             v = rowf[i]
-            if v != v:
-                mn[i] = v  # NaN stays (as np.minimum/np.maximum)
-                mx[i] = v
-            else:
-                if v < mn[i]:
-                    mn[i] = v + 0.0
-                if v > mx[i]:
-                    mx[i] = v + 0.0
-            if has4[i] == 0:
-                b = rowb[i]
-                if b != b0[i] and b != v1[i] and b != v2[i]:
-                    if v1[i] == b0[i]:
-                        v1[i] = b
-                    elif v2[i] == b0[i]:
-                        v2[i] = b
-                    else:
-                        has4[i] = 1
+            lo_v = mn[i]
+            hi_v = mx[i]
+            lo_v = v if v < lo_v else lo_v
+            hi_v = v if v > hi_v else hi_v
+            lo_v = v if v != v else lo_v
+            hi_v = v if v != v else hi_v
+            mn[i] = lo_v + 0.0  # -0.0 + 0.0 == +0.0
+            mx[i] = hi_v + 0.0
+        for i in range(n):  # distinct values, capped: selects too
+            b = rowb[i]
+            z = b0[i]
+            p = v1[i]
+            q = v2[i]
+            new = (b != z) & (b != p) & (b != q) & (has4[i] == 0)
+            e1 = p == z
+            e2 = q == z
+            v1[i] = b if new & e1 else p
+            v2[i] = b if new & (not e1) & e2 else q
+            has4[i] = has4[i] | np.uint64(new & (not e1) & (not e2))
 
 
 @njit(**_OPTS)
 def _r2(sxy, sxx, syy):
-    """THE coefficient of determination: Sxy² / (Sxx Syy), clipped to [0, 1], NaN unless Syy > 0."""
-    if not syy > 0.0:
-        return np.nan
+    """THE coefficient of determination: Sxy² / (Sxx Syy), clipped to [0, 1], NaN unless Syy > 0.
+
+    Written with selects, not returns, so the loop that calls it vectorises
+    (np.clip semantics: a NaN stays NaN).
+    """
     r = (sxy * sxy) / (sxx * syy)
-    if r < 0.0:
-        return 0.0
-    if r > 1.0:
-        return 1.0
-    return r
-
-
-@njit(**_OPTS)
-def _bin(ri, v, cat, paper, n_bins, thr, hist, sums, above):
-    """Count one selected value of result ``ri`` (a NaN null R² counts nowhere)."""
-    if v != v:
-        return
-    b = int(v * n_bins)  # truncation = floor (R² >= 0)
-    if b > n_bins - 1:
-        b = n_bins - 1  # R² = 1 goes in the last bin
-    hist[ri, cat, b] += 1
-    sums[ri, 0] += v
-    if paper:
-        sums[ri, 1] += v
-    for t in range(thr.shape[0]):
-        if v > thr[t]:
-            above[ri, 0, t] += 1
-            if paper:
-                above[ri, 1, t] += 1
+    r = 0.0 if r < 0.0 else r
+    r = 1.0 if r > 1.0 else r
+    return r if syy > 0.0 else np.nan
 
 
 @njit(**_OPTS)
 def _finish(S, U, lo, hi, nf, sx, sxx, x0, n_bins, min_change, thr,
             slope, icpt, r2o, nr2o, hist, sums, above, counts):
-    """Results of elements [lo, hi) (columns 0.. of S, U) into the outputs, counts added."""
-    for i in range(hi - lo):
-        sd, sxd, sdd, se, sxe, see = S[0, i], S[1, i], S[2, i], S[3, i], S[4, i], S[5, i]
-        static = sdd == 0.0  # exact: d(first step) = 0, a sum of squares is 0 only if all are
-        sxy = sxd - (sx * sd) / nf  # centred sums
-        syy = sdd - (sd * sd) / nf
-        if static:
-            syy = 0.0
+    """Results of elements [lo, hi) (columns 0.. of S, U) into the outputs, counts added.
+
+    Two loops: the arithmetic (branch-free, so it vectorises: it holds the
+    divisions) writes R² and null R² into rows R2, NR2 of S as well; then the
+    counts and bins, with counters in local variables (array counters updated
+    through memory behind unpredictable branches cost ~5x more, measured).
+    """
+    n = hi - lo
+    sd, sxd, sdd, se, sxe, see = S[0, :n], S[1, :n], S[2, :n], S[3, :n], S[4, :n], S[5, :n]
+    w0, mn, mx, r2r, nr2r = S[8, :n], S[9, :n], S[10, :n], S[R2, :n], S[NR2, :n]
+    for i in range(n):
+        static = sdd[i] == 0.0  # exact: d(first step) = 0; a sum of squares is 0 only if all are
+        sxy = sxd[i] - (sx * sd[i]) / nf  # centred sums
+        syy = sdd[i] - (sd[i] * sd[i]) / nf
+        syy = 0.0 if static else syy
         sl = sxy / sxx
-        ic = S[8, i] + (sd - sl * sx) / nf  # the delta at x = 0, then back to step 0
+        ic = w0[i] + (sd[i] - sl * sx) / nf  # the delta at x = 0, then back to step 0
         ic = ic - sl * x0
         r2 = _r2(sxy, sxx, syy)
-        sxy_n = sxe - (sx * se) / nf
-        syy_n = see - (se * se) / nf
-        if static:
-            syy_n = 0.0
+        sxy_n = sxe[i] - (sx * se[i]) / nf
+        syy_n = see[i] - (se[i] * se[i]) / nf
+        syy_n = 0.0 if static else syy_n
         nr2 = _r2(sxy_n, sxx, syy_n)
-        j = lo + i
-        slope[j] = sl
-        icpt[j] = ic
-        r2o[j] = r2
-        nr2o[j] = nr2
-        if static:
-            counts[0] += 1
-        if not np.isfinite(sdd):
-            counts[1] += 1  # a NaN or inf value: neither static nor binned
-        if static or not np.isfinite(r2):
+        slope[lo + i] = sl
+        icpt[lo + i] = ic
+        r2o[lo + i] = r2
+        nr2o[lo + i] = nr2
+        r2r[i] = r2
+        nr2r[i] = nr2
+    has4 = U[5, :n]
+    t0, t1 = thr[0], thr[1]
+    n_static = n_nonfinite = n_moving = n_change = 0
+    sm, sp, nsm, nsp = 0.0, 0.0, 0.0, 0.0  # R² / null R² sums: moving, paper
+    am0 = am1 = ap0 = ap1 = bm0 = bm1 = bp0 = bp1 = 0  # counts above t0 / t1
+    for i in range(n):  # counters in registers, added without branches where possible
+        static = sdd[i] == 0.0
+        n_static += static
+        n_nonfinite += not math.isfinite(sdd[i])  # a NaN or inf value: neither static nor binned
+        r2 = r2r[i]
+        if static or not math.isfinite(r2):
             continue
-        counts[2] += 1
-        moved = (S[10, i] - S[9, i]) > min_change
-        if moved:
-            counts[3] += 1
-        paper = moved and U[5, i] != 0
+        n_moving += 1
+        moved = (mx[i] - mn[i]) > min_change
+        n_change += moved
+        paper = moved and has4[i] != 0
         cat = 2 if paper else 1
-        _bin(0, r2, cat, paper, n_bins, thr, hist, sums, above)
-        _bin(1, nr2, cat, paper, n_bins, thr, hist, sums, above)
+        b = min(int(r2 * n_bins), n_bins - 1)  # truncation = floor (R² >= 0); 1 -> last bin
+        hist[0, cat, b] += 1
+        pf = 1.0 if paper else 0.0
+        sm += r2
+        sp += r2 * pf
+        am0 += r2 > t0
+        am1 += r2 > t1
+        ap0 += (r2 > t0) and paper
+        ap1 += (r2 > t1) and paper
+        v = nr2r[i]
+        if v == v:  # a NaN null R² (rounding, Syy <= 0) counts nowhere
+            b = min(int(v * n_bins), n_bins - 1)
+            hist[1, cat, b] += 1
+            nsm += v
+            nsp += v * pf
+            bm0 += v > t0
+            bm1 += v > t1
+            bp0 += (v > t0) and paper
+            bp1 += (v > t1) and paper
+    counts[0] += n_static
+    counts[1] += n_nonfinite
+    counts[2] += n_moving
+    counts[3] += n_change
+    sums[0, 0] += sm
+    sums[0, 1] += sp
+    sums[1, 0] += nsm
+    sums[1, 1] += nsp
+    above[0, 0, 0] += am0
+    above[0, 0, 1] += am1
+    above[0, 1, 0] += ap0
+    above[0, 1, 1] += ap1
+    above[1, 0, 0] += bm0
+    above[1, 0, 1] += bm1
+    above[1, 1, 0] += bp0
+    above[1, 1, 1] += bp1
 
 
 PAD = 40  # extra columns per scratch row (see ``_accumulate``)
@@ -250,7 +282,7 @@ PAD = 40  # extra columns per scratch row (see ``_accumulate``)
 
 @njit(**_OPTS)
 def _scratch(t):
-    return (np.empty((N_F + 1, t + PAD), np.float64), np.empty((N_B + 3, t + PAD), np.uint64))
+    return (np.empty((N_F + 3, t + PAD), np.float64), np.empty((N_B + 3, t + PAD), np.uint64))
 
 
 @njit(**_OPTS)
