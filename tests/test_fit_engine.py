@@ -240,3 +240,13 @@ def test_torch_cuda_equals_numba(tiny_run_bf16) -> None:
     for name, w in data.items():
         vals = w.reshape(len(steps), -1)
         assert_matches(_fit(be, vals, steps, 3, name, 0), _reference(vals, steps, 3, name, 0))
+
+
+@pytest.mark.parametrize("flat0", [0, 192, 256 * 5, 77])
+def test_sign_words_aligned_and_not(flat0) -> None:
+    """Pieces starting on a 64-bit word (whole-word sign unpacking) or inside one."""
+    rng = np.random.default_rng(flat0)
+    steps = [0, 3, 7, 8, 20]
+    vals = _walk(rng, len(steps), 2048 * 2 + 64, ml_dtypes.bfloat16)
+    assert_matches(_fit(get_backend("numba"), vals, steps, 9, "a", flat0),
+                   _reference(vals, steps, 9, "a", flat0))

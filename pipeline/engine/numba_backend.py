@@ -84,23 +84,51 @@ def _u64_as_f64(typingctx: Any, x: Any) -> Any:
 
 @njit(**_OPTS)
 def _decode_row(bits, r, lo, hi, kind, lut, wide, negz, rowf, rowb):
-    """Row ``r`` of elements [lo, hi): values (float64, exact) and bit keys (-0.0 folded)."""
+    """Row ``r`` of elements [lo, hi): values (float64, exact) and bit keys (-0.0 folded).
+
+    Loops run over 1-D row views: indexing the 2-D block directly kept LLVM
+    from vectorising (3.5x slower, measured).
+    """
     n = hi - lo
+    row = bits[r, lo:hi]
     if kind == BF16:
         for i in range(n):
-            rowf[i] = _u32_as_f32(np.uint32(np.uint32(bits[r, lo + i]) << np.uint32(16)))
-    elif kind == F16:
+            b = row[i]
+            rowf[i] = _u32_as_f32(np.uint32(np.uint32(b) << np.uint32(16)))
+            bb = np.uint64(b)
+            rowb[i] = np.uint64(0) if bb == negz else bb
+        return
+    if kind == F16:
         for i in range(n):
-            rowf[i] = lut[bits[r, lo + i]]
+            rowf[i] = lut[row[i]]
     elif kind == F32:
         for i in range(n):
-            rowf[i] = _u32_as_f32(np.uint32(bits[r, lo + i]))
+            rowf[i] = _u32_as_f32(np.uint32(row[i]))
     else:
+        wrow = wide[r, lo:hi]
         for i in range(n):
-            rowf[i] = wide[r, lo + i]
+            rowf[i] = wrow[i]
     for i in range(n):
-        b = np.uint64(bits[r, lo + i])
-        rowb[i] = np.uint64(0) if b == negz else b
+        bb = np.uint64(row[i])
+        rowb[i] = np.uint64(0) if bb == negz else bb
+
+
+@njit(**_OPTS)
+def _sign_masks(wr, g0, n, msk):
+    """msk[i] = the float64 sign bit set where bit g0 + i of the packed words ``wr`` is."""
+    one = np.uint64(1)
+    top = np.uint64(63)
+    if g0 & 63 == 0 and n & 63 == 0:  # whole words: one load per 64 elements
+        w0 = g0 >> 6
+        for q in range(n >> 6):
+            w = wr[w0 + q]
+            base = q << 6
+            for b in range(64):
+                msk[base + b] = ((w >> np.uint64(b)) & one) << top
+        return
+    for i in range(n):
+        g = g0 + i
+        msk[i] = ((wr[g >> 6] >> np.uint64(g & 63)) & one) << top
 
 
 @njit(**_OPTS)
@@ -134,15 +162,11 @@ def _accumulate(bits, kind, lut, wide, xs, words, off, negz, first, lo, hi, S, U
             v2[i] = rowb[i]
             has4[i] = 0
         r0 = 1
-    one = np.uint64(1)
-    top = np.uint64(63)
     for r in range(r0, k):
         _decode_row(bits, r, lo, hi, kind, lut, wide, negz, rowf, rowb)
         x = xs[r]
         wr = words[r]
-        for i in range(n):  # the sign bit to flip, per element
-            g = off + lo + i
-            msk[i] = ((wr[g >> 6] >> np.uint64(g & 63)) & one) << top
+        _sign_masks(wr, off + lo, n, msk)  # the sign bit to flip, per element
         for i in range(n):
             d = rowf[i] - w0[i]
             sd[i] += d
@@ -374,7 +398,7 @@ def finish(CS, CU, nf, sx, sxx, x0, n_bins, min_change, thr, slope, icpt, r2o, n
 
 
 class Carry:
-    """Accumulators of a block whose steps arrive in several reads (RAM only, 112 B/element)."""
+    """Accumulators of a block whose steps arrive in several reads (RAM only, 120 B/element)."""
 
     def __init__(self, m: int) -> None:
         self.S = np.empty((N_F, m), np.float64)

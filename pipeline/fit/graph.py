@@ -10,7 +10,7 @@ chunks and returns only small additive summaries (histograms, counts).
 No float64 state is written: a fit after appended steps re-reads the
 compressed store, which is smaller than any state (see ``job``). Memory per
 task is bounded by its block: the steps read, 16 bytes of results per
-element, and, only when the steps do not fit one read, a carry of ~110
+element, and, only when the steps do not fit one read, a carry of 120
 bytes per element in RAM; never by the model or the number of steps.
 """
 
