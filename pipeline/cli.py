@@ -295,9 +295,8 @@ def ingest_cmd(
 
         def after_commit(client: object) -> None:
             rep = fit_store(store, fit_out, client=client, progress=False)
-            typer.echo(f"fit {rep.fit_dir}: {len(rep.steps)} steps, updated with "
-                       f"{rep.new_steps} ({'incremental' if rep.incremental else 'fresh'})",
-                       err=True)
+            typer.echo(f"fit {rep.fit_dir}: {len(rep.steps)} steps, new steps "
+                       f"{rep.new_steps} (fitted afresh from the store)", err=True)
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
@@ -344,12 +343,10 @@ def fit_cmd(
         bool, typer.Option(help="headline figures after the authors' filters")
     ] = False,
     full: Annotated[bool, typer.Option(help="refit from scratch even if up to date")] = False,
-    state: Annotated[
-        bool, typer.Option("--state/--no-state",
-                           help="keep the sufficient statistics (~70 B/element) that let "
-                                "appended steps update the fit; --no-state writes only the "
-                                "results and the next fit starts afresh")
-    ] = True,
+    backend: Annotated[
+        str, typer.Option(help="fused kernel backend: numba (CPU), numba-threads, torch "
+                               "(CUDA if present), torch-cpu")
+    ] = "numba",
     bins: Annotated[int, typer.Option(help="R² histogram bins on [0, 1]")] = 100,
     block_mb: Annotated[
         float, typer.Option(help="checkpoint MB per step per task (memory ~50x)")
@@ -371,10 +368,9 @@ def fit_cmd(
     quiet_dask_workers()
     rep = fit_store(store_path, out, start=from_step, stop=to_step, scheduler=scheduler,
                     n_bins=bins, block_bytes=block_bytes, full=full,
-                    progress=progress, keep_state=state)
+                    progress=progress, backend=backend)
     print_headline(rep.histograms["paper" if paper_filters else "moving"])
-    how = ("up to date" if not rep.new_steps else
-           f"updated with steps {rep.new_steps}" if rep.incremental else "fitted from scratch")
+    how = ("up to date" if not rep.new_steps else "fitted from scratch")
     typer.echo(f"fit {rep.fit_dir}: {how}; {len(rep.steps)} steps "
                f"{rep.steps[0]}..{rep.steps[-1]}, {rep.tasks} tasks, "
                f"{rep.bytes_read / 1e6:.1f} MB read in {rep.seconds:.1f} s")

@@ -1,4 +1,4 @@
-"""``ingest --fit``: the fit follows the store as steps land, reading only the new steps."""
+"""``ingest --fit``: the fit follows the store as steps land, and equals a fresh fit."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=600)
 
 
-def test_ingest_fit_updates_incrementally_and_equals_fresh_fit(
+def test_ingest_fit_follows_new_steps_and_equals_fresh_fit(
     tiny_run_bf16: Path, copy_run, tmp_path: Path
 ) -> None:
     run = copy_run(tiny_run_bf16)
@@ -30,14 +30,14 @@ def test_ingest_fit_updates_incrementally_and_equals_fresh_fit(
 
     first = run_cli("ingest", str(run), "--store", str(store), "--fit", "--no-progress")
     assert first.returncode == 0, first.stderr
-    assert "fresh" in first.stderr
+    assert "new steps [0, 10, 20, 30, 40, 50]" in first.stderr
     assert pipeline.open_fit(store).steps == [0, 10, 20, 30, 40, 50]
 
     for step in (60, 70):
         shutil.move(later / f"global_step_{step}", run / f"global_step_{step}")
     second = run_cli("ingest", str(run), "--store", str(store), "--fit", "--no-progress")
     assert second.returncode == 0, second.stderr
-    assert "updated with [60, 70] (incremental)" in second.stderr
+    assert "new steps [60, 70]" in second.stderr
 
     updated = pipeline.open_fit(store)
     assert updated.steps == [0, 10, 20, 30, 40, 50, 60, 70]

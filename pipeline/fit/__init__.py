@@ -1,9 +1,11 @@
 """Per-element least-squares fit of every weight against training step, with R² histograms.
 
-``kernels`` is the pure arithmetic (the one place R² is computed), ``graph``
-the Dask tasks, ``results`` the zarr I/O, ``histograms`` the xarray/CSV
-summaries, ``names`` the layer/module parser and ``job.fit_store`` ties them
-together. ``pipeline.open_fit`` reads a finished fit.
+``pipeline.engine`` is the fused one-pass kernel (R² is computed in
+``numba_backend._r2``; ``torch_backend`` mirrors it), ``kernels`` the streaming
+numpy fit export uses and the histogram helpers, ``graph`` the Dask tasks,
+``results`` the zarr I/O, ``histograms`` the xarray/CSV summaries, ``names``
+the layer/module parser and ``job.fit_store`` ties them together.
+``pipeline.open_fit`` reads a finished fit.
 """
 
 from __future__ import annotations

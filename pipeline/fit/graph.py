@@ -3,14 +3,15 @@
 One task = a few row blocks ("pieces") of ~``block_bytes`` of checkpoint data
 per step: big tensors are split into chunk-aligned row blocks, small tensors
 share a task, so the number of tasks follows the bytes, not the tensor
-count. A task reads all new steps of a piece at once (up to
-``READ_BUDGET_BYTES``) through the ``SourceRef``, updates the sufficient
-statistics in one pass, writes results and state for its own chunks and
-returns only small additive summaries (histograms, counts). With
-``keep_state=False`` the state is computed the same way but never written. Memory per task
-is bounded by its block (about 100 bytes of state, flip signs and results
-per element, kept in a per-thread workspace, plus the steps read), never by
-the model or the number of steps.
+count. A task reads every step of a piece at once (up to
+``READ_BUDGET_BYTES``) through the ``SourceRef``, runs the fused kernel of
+``pipeline.engine`` on it in one pass, writes the float32 results of its own
+chunks and returns only small additive summaries (histograms, counts).
+No float64 state is written: a fit after appended steps re-reads the
+compressed store, which is smaller than any state (see ``job``). Memory per
+task is bounded by its block: the steps read, 16 bytes of results per
+element, and, only when the steps do not fit one read, a carry of 120
+bytes per element in RAM; never by the model or the number of steps.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.checkpoints.format import logical_dtype
-from pipeline.fit import kernels as K
-from pipeline.fit.results import TensorPlan, read_state, write_piece
+from pipeline.engine import DEFAULT_BACKEND, BlockCounts, get_backend
+from pipeline.engine.signs import sign_offset, sign_words
+from pipeline.engine.spec import RESULTS, SELECTIONS, XStats, codec_for, kernel_inputs
+from pipeline.fit.results import TensorPlan, write_piece
 from pipeline.fit.source import SourceRef
 from pipeline.store.layout import Piece, group_tasks, plan_pieces
 from pipeline.workspace import Workspace
@@ -39,10 +42,9 @@ class FitConfig:
     fit_dir: str
     steps: tuple[int, ...]  # the window's steps (training steps)
     first_position: int  # store position of steps[0]
-    done: int  # steps[:done] are already in the stored state (0: fresh)
     seed: int
     n_bins: int
-    keep_state: bool = True  # False: write only the results (the next fit starts afresh)
+    backend: str = DEFAULT_BACKEND  # a key of ``pipeline.engine.BACKENDS``
 
 
 @dataclass
@@ -156,12 +158,12 @@ def workspace() -> Workspace:
 
 
 def fit_piece(src: Any, t: TensorPlan, piece: Piece, cfg: FitConfig,
-              xst: K.XStats) -> TensorSummary:
-    """Bring one piece's state up to the last step, write its results, summarise it.
+              xst: XStats) -> TensorSummary:
+    """Fit one piece over every step of the window, write its results, summarise it.
 
-    Every new step of the piece is read (``READ_BUDGET_BYTES`` at a time,
-    usually all of them at once) and applied in one ``kernels.update``; the
-    state, flip masks and results live in this thread's workspace.
+    Usually all steps are read at once (``READ_BUDGET_BYTES``) and fitted in
+    one fused pass; a piece whose steps do not fit one read is read a batch
+    of steps at a time into the backend's carry (RAM only).
     """
     ws = workspace()
     rows = slice(piece.start, piece.stop) if t.shape else None
@@ -170,46 +172,56 @@ def fit_piece(src: Any, t: TensorPlan, piece: Piece, cfg: FitConfig,
     if m == 0:  # a zero-element tensor (a 0 in its shape): nothing to read, fit or write
         return empty_summary(cfg.n_bins)
     dtype = logical_dtype(t.dtype)
+    codec = codec_for(dtype)
+    be = get_backend(cfg.backend)
     steps = cfg.steps
-    batch = max(1, READ_BUDGET_BYTES // max(1, m * dtype.itemsize))
-    state = None if cfg.done == 0 else read_state(cfg.fit_dir, t, rows)
-    # a fresh fit reads the first step with the next ones: row 0 starts the state
-    i = 0 if state is None else cfg.done
-    while i < len(steps):
-        j = min(i + batch, len(steps))
+    k = len(steps)
+    xs = np.array([float(s - steps[0]) for s in steps])
+    signed: list[int | None] = [None, *steps[1:]]  # the first step has no increment
+    batch = max(2, READ_BUDGET_BYTES // max(1, m * dtype.itemsize))
+    out = {r: ws.get(f"result_{r}", (m,), np.float32) for r in RESULTS}
+
+    def read(i: int, j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         buf = ws.get("values", (j - i, *_block_shape(t.shape, piece)), dtype)
         vals = _read_block(src, t.name, slice(cfg.first_position + i, cfg.first_position + j),
                            rows, buf).reshape(j - i, m)
-        if state is None:
-            state = K.init_state(vals[0], ws)
-            vals, i = vals[1:], i + 1
-        flips = K.flip_masks(cfg.seed, t.name, steps[i:j], flat0, flat0 + m, ws)
-        K.update(state, vals, [float(steps[k] - steps[0]) for k in range(i, j)], flips, ws)
-        del vals, flips
-        i = j
-    assert state is not None  # a window has at least 2 steps
-    results = {r: ws.get(f"result_{r}", (m,), np.float32) for r in K.RESULTS}
-    tot = K.finish(state, xst, dtype, cfg.n_bins, results, ws)
-    write_piece(cfg.fit_dir, t, rows, results, state if cfg.keep_state else None)
-    out = TensorSummary(n_elements=m, n_static=tot.n_static, n_nonfinite=tot.n_nonfinite)
-    for name, b in tot.summaries.items():
-        out.selections[name] = SelectionSummary(
-            b.hist, b.null_hist, b.n_selected, *tot.removed[name], b.r2_sum, b.null_sum,
-            b.n_above, b.null_above)
+        bits, wide = kernel_inputs(vals, codec)
+        return bits, wide, sign_words(cfg.seed, t.name, signed[i:j], flat0, flat0 + m)
+
+    off = sign_offset(flat0)
+    if batch >= k:
+        bits, wide, words = read(0, k)
+        counts = be.fit(bits, wide, codec, xs, words, off, xst, cfg.n_bins, out)
+    else:
+        carry = be.start(m)
+        for i in range(0, k, batch):
+            j = min(i + batch, k)
+            bits, wide, words = read(i, j)
+            be.add(carry, bits, wide, codec, xs[i:j], words, off)
+        counts = be.finish(carry, xst, cfg.n_bins, out)
+    write_piece(cfg.fit_dir, t, rows, out)
+    return summary_of(counts, m)
+
+
+def summary_of(counts: BlockCounts, m: int) -> TensorSummary:
+    """A piece's ``TensorSummary`` from the counts a backend returned."""
+    out = TensorSummary(n_elements=m, n_static=counts.n_static, n_nonfinite=counts.n_nonfinite)
+    for name in SELECTIONS:
+        out.selections[name] = SelectionSummary(**counts.selection(name))
     return out
 
 
 def empty_summary(n_bins: int) -> TensorSummary:
     """The summary of a piece without elements: zero counts in every selection."""
     return TensorSummary(selections={name: SelectionSummary.empty(n_bins)
-                                     for name in K.SELECTIONS})
+                                     for name in SELECTIONS})
 
 
 def fit_task(ref: SourceRef, tensors: dict[str, TensorPlan], pieces: list[Piece],
              cfg: FitConfig) -> list[tuple[str, TensorSummary]]:
     """One Dask task: every piece of the task, in order (idempotent: safe to re-run)."""
     src = ref.open(cfg.first_position + len(cfg.steps))
-    xst = K.XStats.from_steps(cfg.steps)
+    xst = XStats.from_steps(cfg.steps)
     return [(p.name, fit_piece(src, tensors[p.name], p, cfg, xst)) for p in pieces]
 
 

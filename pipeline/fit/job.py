@@ -1,9 +1,20 @@
-"""``fit_store``: fit every element of a run store, from scratch or incrementally.
+"""``fit_store``: fit every element of a run store (a stored fit is reused when current).
 
-Decides what to do (fresh fit, or only the steps appended since the stored
-state), lays out the fit arrays, runs the Dask graph, then writes the
-histograms and CSVs and marks the fit complete *last*, so an interrupted fit
-is never mistaken for a finished one (the next run starts it afresh).
+Decides what to do (nothing when a complete fit of the same window, options
+and steps exists; else a fresh fit), lays out the fit arrays, runs the Dask
+graph, then writes the histograms and CSVs and marks the fit complete
+*last*, so an interrupted fit is never mistaken for a finished one (the next
+run starts it afresh).
+
+No state: a fit after appended steps re-reads every step of the window from
+the compressed store, so it equals a fresh fit bit for bit. Measured on a
+12-step bf16 synthetic store (benchmarks/fit.py, 12.8 M elements): the old
+float64 state made a fit write 35.8 bytes per element (after lz4), the whole
+store is 5.4 bytes per element (0.45 per step), and a fit now writes 16.0
+(its float32 results). A compact 16-byte state would write 14.5 bytes per
+element on every update and read them back (1.1 s here against a 7.4 s
+refit, so it would save time per appended step), but 16 bytes can't hold
+the float64 sums, so an updated fit would no longer equal a fresh one.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from typing import Any
 import xarray as xr
 
 from pipeline.checkpoints.format import logical_dtype
+from pipeline.engine import BACKENDS, DEFAULT_BACKEND
 from pipeline.errors import PipelineError, check_int, check_output
 from pipeline.fit.graph import FitConfig, fit_rows, plan_tasks, run_graph
 from pipeline.fit.histograms import build_dataset, write_outputs
@@ -34,7 +46,7 @@ from pipeline.fit.results import (
 )
 from pipeline.fit.source import SourceRef, StoreRef, store_inputs
 
-DEFAULT_BLOCK_BYTES = 4 << 20  # checkpoint bytes per step per task (~50x that in state)
+DEFAULT_BLOCK_BYTES = 4 << 20  # checkpoint bytes per step per task
 DEFAULT_BINS = 100
 DEFAULT_SEED = 0
 
@@ -45,8 +57,8 @@ class FitReport:
 
     fit_dir: Path
     steps: list[int]
-    new_steps: list[int]
-    incremental: bool
+    new_steps: list[int]  # steps not in the previous complete fit of this window
+    incremental: bool  # always False since schema 4: every fit reads the whole window
     tasks: int
     bytes_read: int  # checkpoint bytes (logical) read from the store
     seconds: float
@@ -61,12 +73,15 @@ FIT_PARTS = (ELEMENTS, HISTOGRAMS)  # what a fit creates (or replaces) in its fo
 
 
 def check_options(n_bins: int, block_bytes: int, seed: int, start: int | None,
-                  stop: int | None) -> None:
+                  stop: int | None, backend: str = DEFAULT_BACKEND) -> None:
     """Every fit argument, checked before the fit folder is touched.
 
     A bad one used to fail only after a fresh fit had reset the folder, so a
     good earlier fit then read as incomplete.
     """
+    if backend not in BACKENDS:
+        raise PipelineError(f"unknown --backend {backend!r} (expected one of "
+                            f"{', '.join(sorted(BACKENDS))})")
     check_int(n_bins, "--bins", 1, MAX_BINS)
     check_int(block_bytes, "block size (--block-mb)", 1)
     check_int(seed, "seed")
@@ -86,28 +101,19 @@ def _window(steps: list[int], start: int | None, stop: int | None) -> tuple[int,
     return pos[0], pos[-1] + 1
 
 
-def _can_resume(meta: dict[str, Any] | None, plans: list[TensorPlan], steps: list[int],
-                window: tuple[int | None, int | None], seed: int, block_bytes: int,
-                n_bins: int, keep_state: bool = True) -> int:
-    """How many leading window steps the stored state already holds (0: start afresh).
+def _previous(meta: dict[str, Any] | None, plans: list[TensorPlan],
+              window: tuple[int | None, int | None], seed: int, block_bytes: int,
+              n_bins: int) -> list[int]:
+    """Steps of a complete stored fit of the same schema, options and tensors ([] if none).
 
-    A fit stored without state (``"state": false``) can't be updated: it is only reused
-    when it is already current and no state is asked for; a fit with state is refitted
-    when ``keep_state`` is False, so the new fit folder holds no stale state.
+    When they are the window's steps, the stored fit is current and nothing is read.
     """
     if not meta or not meta.get("complete") or meta.get("schema_version") != SCHEMA_VERSION:
-        return 0
-    if bool(meta.get("state", True)) != keep_state:
-        return 0
+        return []
     same = (meta.get("seed") == seed and meta.get("block_bytes") == block_bytes
             and meta.get("n_bins") == n_bins and list(meta.get("window", [])) == list(window)
             and meta.get("tensors") == {p.name: _plan_json(p) for p in plans})
-    done = list(meta.get("steps", []))
-    if not same or len(done) < 2 or done != steps[:len(done)]:
-        return 0
-    if not keep_state and len(done) != len(steps):
-        return 0  # no state to update from
-    return len(done)
+    return list(meta.get("steps", [])) if same else []
 
 
 def _plan_json(p: TensorPlan) -> dict[str, Any]:
@@ -128,19 +134,23 @@ def fit_store(
     seed: int = DEFAULT_SEED,
     full: bool = False,
     progress: bool = True,
-    keep_state: bool = True,
+    backend: str = DEFAULT_BACKEND,
+    keep_state: bool | None = None,
 ) -> FitReport:
     """Fit slope, intercept and R² of every element against step; update in place if possible.
 
     ``start``/``stop`` bound the window by training step (inclusive). When a
-    complete fit of the same window exists and the store only gained steps,
-    only those steps are read (``full=True`` forces a fresh fit). ``source``
-    replaces the store reader (tests use it to slow or observe reads).
-    ``keep_state=False`` writes only the float32 results (no ~70 bytes per element of
-    sufficient statistics); the metadata records it, so the next fit starts afresh.
+    complete fit of the same window, options and steps exists, nothing is
+    read (``full=True`` forces a fresh fit); otherwise every step of the
+    window is read and fitted afresh, so a fit after appended steps equals a
+    fresh one. ``source`` replaces the store reader (tests use it to slow or
+    observe reads). ``backend`` names the fused kernel's backend
+    (``pipeline.engine.BACKENDS``; results do not depend on it).
+    ``keep_state`` is accepted and ignored: since schema 4 no state is kept.
     """
+    del keep_state  # older callers pass it; there is no state any more
     t0 = time.perf_counter()
-    check_options(n_bins, block_bytes, seed, start, stop)
+    check_options(n_bins, block_bytes, seed, start, stop, backend)
     store = Path(store)
     fit_dir = Path(out) if out is not None else fit_dir_for(store)
     ref: SourceRef = source if source is not None else StoreRef.of(store)
@@ -159,24 +169,21 @@ def fit_store(
         plans.append(TensorPlan(name, shape, dt, rows))
         _ = plans[-1].path  # its array key: a name that cannot be one fails before any write
     window = (start, stop)
-    done = 0 if full else _can_resume(read_meta(fit_dir), plans, steps, window, seed,
-                                      block_bytes, n_bins, keep_state)
+    prev = _previous(read_meta(fit_dir), plans, window, seed, block_bytes, n_bins)
+    if not full and prev == steps:  # nothing new: the stored fit is current
+        hists = {sel: FitResult(fit_dir).histograms(sel) for sel in SELECTIONS}
+        return FitReport(fit_dir, steps, [], False, 0, 0, time.perf_counter() - t0, hists)
+    new_steps = steps[len(prev):] if prev and prev == steps[:len(prev)] else steps
     meta = {"schema_version": SCHEMA_VERSION, "store": str(store.resolve()), "steps": steps,
             "window": list(window), "seed": seed, "block_bytes": block_bytes, "n_bins": n_bins,
             "tensors": {p.name: _plan_json(p) for p in plans}, "complete": False,
-            "state": keep_state,
+            "backend": backend,
             "x": "step - steps[0] (slope per training step, intercept at step 0)"}
-    if done == len(steps):  # nothing new: the stored fit is current
-        hists = {sel: FitResult(fit_dir).histograms(sel) for sel in SELECTIONS}
-        return FitReport(fit_dir, steps, [], True, 0, 0, time.perf_counter() - t0, hists)
     fit_dir.mkdir(parents=True, exist_ok=True)
-    if done:
-        write_meta(fit_dir, meta)  # incomplete until the update has finished everywhere
-    else:
-        create_fit(fit_dir, plans, meta, keep_state)
+    create_fit(fit_dir, plans, meta)  # incomplete until every task and output is written
     tasks = plan_tasks(plans, block_bytes)
-    cfg = FitConfig(str(fit_dir), tuple(steps), i0, done, seed, n_bins, keep_state)
-    n_read = len(steps) - done
+    cfg = FitConfig(str(fit_dir), tuple(steps), i0, seed, n_bins, backend)
+    n_read = len(steps)
     step_bytes = sum(p.nbytes for t in tasks for p in t)
     totals = _run(client, scheduler, ref, {p.name: p for p in plans}, tasks, cfg,
                   step_bytes * n_read, progress)
@@ -186,7 +193,7 @@ def fit_store(
     write_outputs(fit_dir, hists)
     meta["complete"] = True
     write_meta(fit_dir, meta)
-    return FitReport(fit_dir, steps, steps[done:], bool(done), len(tasks), step_bytes * n_read,
+    return FitReport(fit_dir, steps, new_steps, False, len(tasks), step_bytes * n_read,
                      time.perf_counter() - t0, hists)
 
 
@@ -198,7 +205,7 @@ def _run(client: Any, scheduler: str | None, ref: SourceRef, plans: dict[str, Te
     from pipeline.compute import dask_client
 
     token = uuid.uuid4().hex[:12]
-    n_steps = len(cfg.steps) - cfg.done
+    n_steps = len(cfg.steps)
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="fit", disable=not progress,
               leave=False) as bar:
         def done(nbytes: int) -> None:

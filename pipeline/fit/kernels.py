@@ -1,7 +1,13 @@
-"""Pure array kernels of the per-element fit: arrays in, arrays out, no I/O, no Dask.
+"""The streaming numpy fit (one block at a time), the selections and the histogram helpers.
 
-This is the one file that computes R² (``r_squared``). Everything else
-(Dask graph, zarr I/O, histograms, report) calls into it.
+``fit_store`` no longer runs this: it runs the fused one-pass kernel of
+``pipeline.engine`` (``numba_backend._finish`` and ``_r2`` compute R² there,
+operation for operation as here). What stays here is used elsewhere:
+``init_state``/``update``/``finalize`` by ``pipeline.extrapolate.kernels.fit_line``
+(export's line fits, which take steps one block at a time), and the
+definitions (``Fit``, ``select``, ``summarize``, ``bin_edges``,
+``hist_median``, ``THRESHOLDS``). ``tests/reference_fit.py`` keeps a frozen
+copy of this implementation as the reference the engine is checked against.
 
 Model, for every scalar weight w at steps s_1 < ... < s_N of a window:
 ``w(s) = intercept + slope * s`` by least squares. Numerics:
@@ -43,23 +49,31 @@ from a ``Workspace`` that outlives a block (fresh large arrays page-fault).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 import numpy as np
 
+from pipeline.engine.signs import SIGN_BLOCK, SIGN_CHUNK, flip_mask, sign_key
+from pipeline.engine.spec import MIN_CHANGE, MIN_DISTINCT, RESULTS, SELECTIONS, THRESHOLDS, XStats
 from pipeline.workspace import Workspace
 
-MIN_CHANGE = 1e-4  # authors' filter: max - min over steps must exceed this
-MIN_DISTINCT = 4  # authors' filter: at least this many distinct values
+__all__ = ["MIN_CHANGE", "MIN_DISTINCT", "RESULTS", "SELECTIONS", "SIGN_BLOCK", "SIGN_CHUNK",
+           "THRESHOLDS", "XStats", "flip_mask", "flip_masks", "sign_key"]
+
+
+def flip_masks(seed: int, tensor: str, steps: Sequence[int], start: int, stop: int,
+               ws: Workspace | None = None) -> np.ndarray:
+    """``flip_mask`` of several steps as one (len(steps), stop - start) bool array."""
+    out = _get(ws, "flips", (len(steps), stop - start), bool)
+    for j, s in enumerate(steps):
+        flip_mask(seed, tensor, s, start, stop, out=out[j])
+    return out
+
 TILE = 1 << 16  # values per (k steps x elements) tile: its float64 slabs stay in cache
 TILE_MIN = 1024  # elements per tile at least, however many steps
 MAX_STEPS = 64  # steps per slab; more are applied in groups of this many
-SIGN_WORD_BITS = 64
-SIGN_BLOCK = 256  # elements per Philox counter increment (4 words of 64 bits)
-SIGN_CHUNK = 256  # Philox blocks unpacked at a time (64 Ki elements)
 
 
 def bits_dtype(dtype: np.dtype) -> np.dtype:
@@ -73,32 +87,6 @@ def _neg_zero(dtype: np.dtype) -> int | None:
     if dtype.kind == "f" or (dtype.kind == "V" and dtype.itemsize <= 2):  # ml_dtypes floats
         return 1 << (8 * dtype.itemsize - 1)
     return None
-
-
-@dataclass(frozen=True)
-class XStats:
-    """The x-side sums shared by every element of a fit (x = step - first step)."""
-
-    n: int
-    sx: float
-    sxx: float
-    x0: int  # first step of the window (x = step - x0)
-
-    @staticmethod
-    def from_steps(steps: Sequence[int]) -> XStats:
-        """Accumulate in step order, exactly as the element sums are, so updates match."""
-        x0 = int(steps[0])
-        sx = 0.0
-        sxx = 0.0
-        for s in steps:
-            x = float(s - x0)
-            sx += x
-            sxx += x * x
-        return XStats(len(steps), sx, sxx, x0)
-
-    @property
-    def centred_sxx(self) -> float:
-        return self.sxx - self.sx * self.sx / self.n
 
 
 def _get(ws: Workspace | None, role: str, shape: tuple[int, ...],
@@ -189,49 +177,6 @@ def init_state(w: np.ndarray, ws: Workspace | None = None) -> FitState:
     f64 = _get(ws, "state_f64", (len(F64_FIELDS), m), np.float64)
     f64.fill(0.0)
     return FitState(f64, bits)
-
-
-def sign_key(seed: int, tensor: str, step: int) -> tuple[int, int]:
-    """128-bit Philox key for one (seed, tensor, step): stable across processes and runs."""
-    # surrogatepass: a name that is not valid UTF-8 (a lone surrogate) still gets a key,
-    # and every valid name keeps the bytes (and so the signs) it always had
-    key = f"{seed}\x00{tensor}\x00{step}".encode("utf-8", "surrogatepass")
-    h = hashlib.blake2b(key, digest_size=16).digest()
-    return int.from_bytes(h[:8], "little"), int.from_bytes(h[8:], "little")
-
-
-def flip_mask(seed: int, tensor: str, step: int, start: int, stop: int,
-              out: np.ndarray | None = None) -> np.ndarray:
-    """Booleans for flat elements [start, stop): True where the null increment is negated.
-
-    Counter-based: element i uses bit i of the Philox stream for this key, so
-    any block of the tensor gets the same signs as the whole tensor would.
-    ``out`` (bool, stop - start) receives the mask instead of a new array.
-    """
-    out = np.empty(stop - start, bool) if out is None else out
-    first_block = start // SIGN_BLOCK
-    skip = start - first_block * SIGN_BLOCK
-    # Philox with counter c yields block c of the stream that starts at counter 0
-    gen = np.random.Philox(key=list(sign_key(seed, tensor, step)), counter=[first_block, 0, 0, 0])
-    done = 0
-    while done < out.shape[0]:  # a bounded chunk at a time: no large temporaries
-        take = min(out.shape[0] - done, SIGN_CHUNK * SIGN_BLOCK - skip)
-        n_blocks = -(-(skip + take) // SIGN_BLOCK)
-        words = gen.random_raw(4 * n_blocks)
-        bits = np.unpackbits(words.astype("<u8", copy=False).view(np.uint8), bitorder="little")
-        np.copyto(out[done: done + take], bits[skip: skip + take].view(bool))
-        done += take
-        skip = 0
-    return out
-
-
-def flip_masks(seed: int, tensor: str, steps: Sequence[int], start: int, stop: int,
-               ws: Workspace | None = None) -> np.ndarray:
-    """``flip_mask`` of several steps as one (len(steps), stop - start) bool array."""
-    out = _get(ws, "flips", (len(steps), stop - start), bool)
-    for j, s in enumerate(steps):
-        flip_mask(seed, tensor, s, start, stop, out=out[j])
-    return out
 
 
 def tile_width(k: int, m: int) -> int:
@@ -571,7 +516,6 @@ def histogram(r2: np.ndarray, mask: np.ndarray, n_bins: int) -> np.ndarray:
     return np.bincount(idx, minlength=n_bins).astype(np.int64)
 
 
-THRESHOLDS = (0.7, 0.9)
 
 
 @dataclass(frozen=True)
@@ -599,100 +543,6 @@ def summarize(fit: Fit, sel: Selection, n_bins: int) -> BlockSummary:
         n_above=tuple(int((r2 > t).sum()) for t in THRESHOLDS),
         null_above=tuple(int((nr2 > t).sum()) for t in THRESHOLDS),
     )
-
-
-SELECTIONS = {"moving": False, "paper": True}  # name -> the authors' filters applied
-RESULTS = ("slope", "intercept", "r2", "null_r2")  # the per-element outputs of a fit
-SUMMARY_TILE = 1 << 15  # elements per tile of ``finish``
-
-
-@dataclass
-class BlockTotals:
-    """What ``finish`` returns for one block: exact counts plus one summary per selection."""
-
-    n_static: int
-    n_nonfinite: int
-    summaries: dict[str, BlockSummary]
-    removed: dict[str, tuple[int, int]]  # (by max-min, by distinct values) per selection
-
-
-def finish(state: FitState, xst: XStats, dtype: np.dtype, n_bins: int,
-           results: dict[str, np.ndarray], ws: Workspace | None = None) -> BlockTotals:
-    """``finalize``, ``select`` and ``summarize`` of every selection in one pass of tiles.
-
-    Writes slope, intercept, R² and null R² into ``results`` (1-D arrays of the
-    block's size, e.g. float32) and returns the additive summaries, computed
-    from the float64 values exactly as ``summarize(finalize(...), select(...))``
-    would (histogram counts and threshold counts identical; the R² sums are
-    added tile by tile). Nothing block-sized is allocated besides ``results``.
-    """
-    if xst.n < 2:
-        raise ValueError("a fit needs at least 2 steps")
-    m = state.size
-    tile = max(1, min(m, SUMMARY_TILE))  # >= 1: a zero-element tensor has no tiles
-    fit_bufs = Fit(*(_get(ws, f"fin_{i}", (tile,), np.float64) for i in range(4)),
-                   *(_get(ws, f"fin_{i}", (tile,), bool) for i in range(4, 8)))
-    tmp = _get(ws, "fin_tmp", (3, tile), np.float64)
-    v = _get(ws, "fin_v", (tile,), np.float64)
-    key = _get(ws, "fin_key", (tile,), np.intp)
-    cat = _get(ws, "fin_cat", (tile,), np.intp)
-    b1, b2 = _get(ws, "fin_b1", (tile,), bool), _get(ws, "fin_b2", (tile,), bool)
-    gt = _get(ws, "fin_gt", (tile,), bool)
-    hists = {r: np.zeros((3, n_bins), np.int64) for r in ("r2", "null_r2")}
-    sums = {(r, sel): 0.0 for r in hists for sel in SELECTIONS}
-    above = {(r, sel, t): 0 for r in hists for sel in SELECTIONS for t in THRESHOLDS}
-    n_static = n_nonfinite = n_moving = n_change = 0
-    dtype = np.dtype(dtype)
-    for lo in range(0, m, tile):
-        hi = min(lo + tile, m)
-        n = hi - lo
-        f = Fit(*(getattr(fit_bufs, fl.name)[:n] for fl in fields(Fit)))
-        with np.errstate(invalid="ignore", over="ignore"):
-            _finalize_tile(state, xst, dtype, lo, hi, f, tmp[:, :n])
-        for r in RESULTS:
-            np.copyto(results[r][lo:hi], getattr(f, r), casting="unsafe")
-        n_static += int(np.count_nonzero(f.static))
-        n_nonfinite += int(np.count_nonzero(f.nonfinite))
-        # category per element: 0 not selected, 1 moving only, 2 moving and the authors' filters
-        moving, paper, g = b1[:n], b2[:n], gt[:n]
-        np.isfinite(f.r2, out=moving)  # NaN where static or NaN/inf weights (see ``select``)
-        np.greater(moving, f.static, out=moving)  # and not static
-        n_moving += int(np.count_nonzero(moving))
-        np.logical_and(moving, f.moved_enough, out=paper)
-        n_change += int(np.count_nonzero(paper))
-        np.logical_and(paper, f.distinct4, out=paper)
-        c = cat[:n]
-        np.copyto(c, moving)
-        np.add(c, paper, out=c)  # (bool + bool would be "or")
-        np.multiply(c, n_bins, out=c)
-        vr, kr = v[:n], key[:n]
-        for r in hists:
-            np.copyto(vr, getattr(f, r))
-            np.copyto(vr, 0.0, where=~moving)  # no NaN from here on; category 0 is dropped
-            np.multiply(vr, n_bins, out=kr, casting="unsafe")  # truncation = floor (R² >= 0)
-            np.minimum(kr, n_bins - 1, out=kr)  # R² = 1 goes in the last bin
-            kr += c
-            hists[r] += np.bincount(kr, minlength=3 * n_bins).reshape(3, n_bins)
-            for t in THRESHOLDS:
-                np.greater(vr, t, out=g)
-                above[(r, "moving", t)] += int(np.count_nonzero(g))
-                np.logical_and(g, paper, out=g)
-                above[(r, "paper", t)] += int(np.count_nonzero(g))
-            sums[(r, "moving")] += float(vr.sum())
-            np.copyto(vr, 0.0, where=~paper)
-            sums[(r, "paper")] += float(vr.sum())
-    n_paper = int(hists["r2"][2].sum())
-    summaries, removed = {}, {}
-    for name, paper_filters in SELECTIONS.items():
-        cats = slice(2, 3) if paper_filters else slice(1, 3)
-        summaries[name] = BlockSummary(
-            hist=hists["r2"][cats].sum(0), null_hist=hists["null_r2"][cats].sum(0),
-            n_selected=n_paper if paper_filters else n_moving,
-            r2_sum=sums[("r2", name)], null_sum=sums[("null_r2", name)],
-            n_above=tuple(above[("r2", name, t)] for t in THRESHOLDS),
-            null_above=tuple(above[("null_r2", name, t)] for t in THRESHOLDS))
-        removed[name] = (n_moving - n_change, n_change - n_paper) if paper_filters else (0, 0)
-    return BlockTotals(n_static, n_nonfinite, summaries, removed)
 
 
 def hist_median(hist: np.ndarray) -> float:

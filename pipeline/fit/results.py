@@ -7,10 +7,8 @@
                                  block size, tensor table, ``complete`` (set last)
         tensors/<escaped>/       slope, intercept, r2, null_r2: float32, the tensor's shape,
                                  dims dim_0.. (r2 and null_r2 are NaN where static)
-        state/<escaped>/         f64 (7, *shape) and bits (7, *shape): the sufficient
-                                 statistics that let an appended step update the fit
-                                 (absent when fitted with ``keep_state=False``; then
-                                 attrs ``state`` is false and the next fit starts afresh)
+                                 (16 bytes an element: the only per-element bytes written;
+                                 no float64 state since schema 4, see ``job``)
       histograms.zarr/           groups ``moving`` and ``paper``: xarray Datasets (tensor x bin)
       summary_*.csv              per tensor, per layer x module, overall
 
@@ -28,12 +26,11 @@ from typing import Any
 import numpy as np
 import zarr
 
-from pipeline.checkpoints.format import logical_dtype
 from pipeline.errors import PipelineError
-from pipeline.fit.kernels import BITS_FIELDS, F64_FIELDS, FitState, bits_dtype
 from pipeline.store.naming import escape_name
 
-SCHEMA_VERSION = 3  # 2: n_nonfinite in the histograms; 3: min/max as raw bits
+# 2: n_nonfinite in the histograms; 3: min/max as raw bits; 4: the fused kernel, no state
+SCHEMA_VERSION = 4
 ATTRS_KEY = "rlvr_lin_fit"
 ELEMENTS = "elements.zarr"
 HISTOGRAMS = "histograms.zarr"
@@ -87,36 +84,21 @@ def write_meta(fit_dir: str | Path, meta: dict[str, Any]) -> None:
     g.attrs[ATTRS_KEY] = meta
 
 
-def _fast() -> Any:
-    """Compression for the state the fit writes: lz4 after a bit shuffle.
-
-    Writing is most of a fit's I/O (~80 bytes per element against 2 per step
-    read). The float64 sums of bf16 deltas have few significant bits: a bit
-    shuffle + lz4 stores them in ~0.2 of their size, at about the cost of
-    writing them raw, where zstd (level 1) took 3-5x as long for the same size;
-    the raw bits shrink to ~0.65 (measured on a synthetic bf16 run).
-    """
-    from zarr.codecs import BloscCodec
-
-    return BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle")
-
-
 def _results_compressors() -> Any:
     """None: float32 slope/intercept/R² shrink only to ~0.9 under lz4, which doubles the
     time to write them (measured), so they are stored raw."""
     return None
 
 
-def create_fit(fit_dir: str | Path, tensors: list[TensorPlan], meta: dict[str, Any],
-               keep_state: bool = True) -> None:
+def create_fit(fit_dir: str | Path, tensors: list[TensorPlan], meta: dict[str, Any]) -> None:
     """Create every array of a fresh fit (metadata only; tasks fill the chunks).
 
-    Without ``keep_state`` only the float32 results are created (no ``state`` group).
+    Opened with mode "w": whatever an older fit left (a ``state`` group of
+    schema 3 included) is replaced.
     """
     root = zarr.open_group(str(Path(fit_dir) / ELEMENTS), mode="w")
     root.attrs[ATTRS_KEY] = meta
     tg = root.create_group("tensors")
-    sg = root.create_group("state") if keep_state else None
     for t in tensors:
         chunks = t.chunks()
         g = tg.create_group(t.path)
@@ -124,16 +106,6 @@ def create_fit(fit_dir: str | Path, tensors: list[TensorPlan], meta: dict[str, A
             g.create_array(f, shape=t.shape, chunks=chunks or None, dtype="float32",
                            fill_value=np.nan, compressors=_results_compressors(),
                            dimension_names=_dims(len(t.shape)))
-        if sg is None:
-            continue
-        s = sg.create_group(t.path)
-        s.create_array("f64", shape=(len(F64_FIELDS), *t.shape),
-                       chunks=(len(F64_FIELDS), *chunks), dtype="float64", fill_value=0.0,
-                       compressors=_fast(), dimension_names=["field", *_dims(len(t.shape))])
-        s.create_array("bits", shape=(len(BITS_FIELDS), *t.shape),
-                       chunks=(len(BITS_FIELDS), *chunks),
-                       dtype=bits_dtype(logical_dtype(t.dtype)), fill_value=0,
-                       compressors=_fast(), dimension_names=["field", *_dims(len(t.shape))])
 
 
 def _region(shape: tuple[int, ...], rows: slice | None) -> tuple:
@@ -141,9 +113,8 @@ def _region(shape: tuple[int, ...], rows: slice | None) -> tuple:
 
 
 def write_piece(fit_dir: str | Path, t: TensorPlan, rows: slice | None,
-                results: dict[str, np.ndarray], state: FitState | None) -> None:
-    """Write one piece's results (float32) and state (unless None: a fit without state);
-    rows are a whole number of chunks."""
+                results: dict[str, np.ndarray]) -> None:
+    """Write one piece's float32 results; rows are a whole number of chunks."""
     root = Path(fit_dir) / ELEMENTS
     reg = _region(t.shape, rows)
     block = np.empty(t.shape)[reg].shape if t.shape else ()
@@ -153,20 +124,6 @@ def write_piece(fit_dir: str | Path, t: TensorPlan, rows: slice | None,
         for f in RESULT_FIELDS:
             arr = zarr.open_array(str(root), path=f"tensors/{t.path}/{f}", mode="r+")
             arr[reg] = results[f].astype(np.float32, copy=False).reshape(block)
-        if state is None:
-            return
-        for name, a in (("f64", state.f64), ("bits", state.bits)):
-            arr = zarr.open_array(str(root), path=f"state/{t.path}/{name}", mode="r+")
-            arr[(slice(None), *reg)] = a.reshape(a.shape[0], *block)
-
-
-def read_state(fit_dir: str | Path, t: TensorPlan, rows: slice | None) -> FitState:
-    """The stored sufficient statistics of one piece, bit-exact."""
-    root = Path(fit_dir) / ELEMENTS
-    reg = (slice(None), *_region(t.shape, rows))
-    f64 = np.asarray(zarr.open_array(str(root), path=f"state/{t.path}/f64", mode="r")[reg])
-    bits = np.asarray(zarr.open_array(str(root), path=f"state/{t.path}/bits", mode="r")[reg])
-    return FitState(f64.reshape(len(F64_FIELDS), -1), bits.reshape(len(BITS_FIELDS), -1))
 
 
 class FitResult:

@@ -1,0 +1,87 @@
+"""The fused fit kernel and its backends: a registry of name -> backend.
+
+A backend turns a block of raw bit patterns (steps x elements) into the
+per-element float32 results and the additive counts of the block, in one
+pass (see ``pipeline.engine.spec`` for the shared definitions). ``numba``
+runs on CPU (the default); ``torch`` runs the same algorithm on torch
+tensors (CUDA when present, CPU otherwise, so tests can check it anywhere).
+Backends are created lazily: importing this package compiles nothing and
+imports neither numba nor torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+
+from pipeline.engine.spec import BlockCounts, Codec, XStats
+
+
+class Backend(Protocol):
+    """What ``pipeline.fit.graph`` needs from a backend."""
+
+    name: str
+
+    def fit(self, bits: np.ndarray, wide: np.ndarray, codec: Codec, xs: np.ndarray,
+            words: np.ndarray, off: int, xst: XStats, n_bins: int,
+            out: dict[str, np.ndarray]) -> BlockCounts: ...
+
+    def start(self, m: int) -> Any: ...
+
+    def add(self, carry: Any, bits: np.ndarray, wide: np.ndarray, codec: Codec,
+            xs: np.ndarray, words: np.ndarray, off: int) -> None: ...
+
+    def finish(self, carry: Any, xst: XStats, n_bins: int,
+               out: dict[str, np.ndarray]) -> BlockCounts: ...
+
+
+def _numba() -> Backend:
+    from pipeline.engine.numba_backend import NumbaBackend
+
+    return NumbaBackend()
+
+
+def _numba_threads() -> Backend:
+    from pipeline.engine.numba_backend import NumbaBackend
+
+    return NumbaBackend(threads=True)
+
+
+def _torch() -> Backend:
+    from pipeline.engine.torch_backend import TorchBackend
+
+    return TorchBackend()
+
+
+def _torch_cpu() -> Backend:
+    from pipeline.engine.torch_backend import TorchBackend
+
+    return TorchBackend(device="cpu")
+
+
+BACKENDS: dict[str, Callable[[], Backend]] = {
+    "numba": _numba,  # one thread per task (Dask runs one task per core)
+    "numba-threads": _numba_threads,  # tiles over numba's threads (one big task at a time)
+    "torch": _torch,  # CUDA if available, else CPU
+    "torch-cpu": _torch_cpu,
+}
+DEFAULT_BACKEND = "numba"
+_CACHE: dict[str, Backend] = {}
+
+
+def get_backend(name: str = DEFAULT_BACKEND) -> Backend:
+    """The backend registered as ``name``, created once per process."""
+    from pipeline.errors import PipelineError
+
+    if name not in BACKENDS:
+        raise PipelineError(f"unknown fit backend {name!r} (expected one of {sorted(BACKENDS)})")
+    be = _CACHE.get(name)
+    if be is None:
+        be = _CACHE[name] = BACKENDS[name]()
+    return be
+
+
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "Backend", "BlockCounts", "Codec", "XStats",
+           "get_backend"]
