@@ -7,6 +7,7 @@ and exit code 2; nothing here holds logic worth testing on its own.
 
 from __future__ import annotations
 
+import enum
 import functools
 import os
 import sys
@@ -17,6 +18,8 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from pipeline import engine
+from pipeline.compute.executors import EXECUTORS
 from pipeline.errors import PipelineError, check_int, check_number, check_output
 from pipeline.extrapolate import methods as registry
 
@@ -35,6 +38,10 @@ PAIR = "/".join(registry.with_steps("pair"))  # help texts name the methods an o
 WINDOW = "/".join(registry.with_steps("window"))
 GATED = "/".join(registry.takers("r2_min"))
 SWEPT = ", ".join(f"{v:g}" for v in registry.param("r2_min").sweep)
+# --backend and --executor: the fit engine's and the compute layer's registries (both import
+# nothing heavy: backends and clusters are created on use)
+BackendName = enum.Enum("BackendName", {n: n for n in engine.BACKENDS})  # type: ignore[misc]
+ExecutorName = enum.Enum("ExecutorName", {n: n for n in EXECUTORS})  # type: ignore[misc]
 
 
 DEBUG_ENV = "RLVR_LIN_DEBUG"  # set to 1: internal errors also print their traceback
@@ -344,9 +351,15 @@ def fit_cmd(
     ] = False,
     full: Annotated[bool, typer.Option(help="refit from scratch even if up to date")] = False,
     backend: Annotated[
-        str, typer.Option(help="fused kernel backend: numba (CPU), numba-threads, torch "
-                               "(CUDA if present), torch-cpu")
-    ] = "numba",
+        BackendName,  # type: ignore[valid-type]
+        typer.Option(help="fused kernel backend: numba (CPU, one thread per task), "
+                          "numba-threads, torch (CUDA if present), torch-cpu")
+    ] = BackendName(engine.DEFAULT_BACKEND),
+    executor: Annotated[
+        ExecutorName,  # type: ignore[valid-type]
+        typer.Option(help="where tasks run: dask (the --cluster), serial (this process, in "
+                          "order: for debugging), dask-gpu (workers with a GPU resource)")
+    ] = ExecutorName("dask"),
     bins: Annotated[int, typer.Option(help="R² histogram bins on [0, 1]")] = 100,
     block_mb: Annotated[
         float, typer.Option(help="checkpoint MB per step per task (memory ~50x)")
@@ -368,7 +381,7 @@ def fit_cmd(
     quiet_dask_workers()
     rep = fit_store(store_path, out, start=from_step, stop=to_step, scheduler=scheduler,
                     n_bins=bins, block_bytes=block_bytes, full=full,
-                    progress=progress, backend=backend)
+                    progress=progress, backend=backend.value, executor=executor.value)
     print_headline(rep.histograms["paper" if paper_filters else "moving"])
     how = ("up to date" if not rep.new_steps else "fitted from scratch")
     typer.echo(f"fit {rep.fit_dir}: {how}; {len(rep.steps)} steps "

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.checkpoints.format import logical_dtype
+from pipeline.compute.executors import Executor
 from pipeline.engine import DEFAULT_BACKEND, BlockCounts, get_backend
 from pipeline.engine.signs import sign_offset, sign_words
 from pipeline.engine.spec import RESULTS, SELECTIONS, XStats, codec_for, kernel_inputs
@@ -225,27 +226,18 @@ def fit_task(ref: SourceRef, tensors: dict[str, TensorPlan], pieces: list[Piece]
     return [(p.name, fit_piece(src, tensors[p.name], p, cfg, xst)) for p in pieces]
 
 
-def run_graph(client: Any, ref: SourceRef, tensors: dict[str, TensorPlan],
+def run_graph(executor: Executor, ref: SourceRef, tensors: dict[str, TensorPlan],
               tasks: list[list[Piece]], cfg: FitConfig, token: str,
               on_done: Callable[[int], None] | None = None) -> dict[str, TensorSummary]:
-    """Submit one future per task, gather summaries as they finish, add them per tensor."""
-    from distributed import as_completed
-
-    futures = []
-    for i, pieces in enumerate(tasks):
-        sub = {p.name: tensors[p.name] for p in pieces}
-        futures.append(client.submit(fit_task, ref, sub, pieces, cfg, key=f"fit-{token}-{i}",
-                                     pure=False))
-    nbytes = {f.key: sum(p.nbytes for p in pieces) for f, pieces in zip(futures, tasks,
-                                                                          strict=True)}
+    """Run one ``fit_task`` per task on ``executor``, adding the summaries per tensor."""
+    calls = [(ref, {p.name: tensors[p.name] for p in pieces}, pieces, cfg) for pieces in tasks]
     totals: dict[str, TensorSummary] = {}
-    for fut in as_completed(futures):
-        for name, s in fut.result():
+    for i, result in executor.map_unordered(fit_task, calls, key=f"fit-{token}"):
+        for name, s in result:
             if name in totals:
                 totals[name].add(s)
             else:
                 totals[name] = s
         if on_done is not None:
-            on_done(nbytes[fut.key])
-        fut.release()
+            on_done(sum(p.nbytes for p in tasks[i]))
     return totals

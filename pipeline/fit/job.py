@@ -28,6 +28,7 @@ from typing import Any
 import xarray as xr
 
 from pipeline.checkpoints.format import logical_dtype
+from pipeline.compute.executors import DEFAULT_EXECUTOR, EXECUTORS
 from pipeline.engine import BACKENDS, DEFAULT_BACKEND
 from pipeline.errors import PipelineError, check_int, check_output
 from pipeline.fit.graph import FitConfig, fit_rows, plan_tasks, run_graph
@@ -73,7 +74,8 @@ FIT_PARTS = (ELEMENTS, HISTOGRAMS)  # what a fit creates (or replaces) in its fo
 
 
 def check_options(n_bins: int, block_bytes: int, seed: int, start: int | None,
-                  stop: int | None, backend: str = DEFAULT_BACKEND) -> None:
+                  stop: int | None, backend: str = DEFAULT_BACKEND,
+                  executor: str = DEFAULT_EXECUTOR) -> None:
     """Every fit argument, checked before the fit folder is touched.
 
     A bad one used to fail only after a fresh fit had reset the folder, so a
@@ -82,6 +84,9 @@ def check_options(n_bins: int, block_bytes: int, seed: int, start: int | None,
     if backend not in BACKENDS:
         raise PipelineError(f"unknown --backend {backend!r} (expected one of "
                             f"{', '.join(sorted(BACKENDS))})")
+    if executor not in EXECUTORS:
+        raise PipelineError(f"unknown --executor {executor!r} (expected one of "
+                            f"{', '.join(EXECUTORS)})")
     check_int(n_bins, "--bins", 1, MAX_BINS)
     check_int(block_bytes, "block size (--block-mb)", 1)
     check_int(seed, "seed")
@@ -135,6 +140,7 @@ def fit_store(
     full: bool = False,
     progress: bool = True,
     backend: str = DEFAULT_BACKEND,
+    executor: str = DEFAULT_EXECUTOR,
     keep_state: bool | None = None,
 ) -> FitReport:
     """Fit slope, intercept and R² of every element against step; update in place if possible.
@@ -145,12 +151,14 @@ def fit_store(
     window is read and fitted afresh, so a fit after appended steps equals a
     fresh one. ``source`` replaces the store reader (tests use it to slow or
     observe reads). ``backend`` names the fused kernel's backend
-    (``pipeline.engine.BACKENDS``; results do not depend on it).
+    (``pipeline.engine.BACKENDS``; results do not depend on it), ``executor``
+    where tasks run (``pipeline.compute.EXECUTORS``: ``dask`` on ``client`` or
+    the cluster ``scheduler`` names, ``serial`` in this process for debugging).
     ``keep_state`` is accepted and ignored: since schema 4 no state is kept.
     """
     del keep_state  # older callers pass it; there is no state any more
     t0 = time.perf_counter()
-    check_options(n_bins, block_bytes, seed, start, stop, backend)
+    check_options(n_bins, block_bytes, seed, start, stop, backend, executor)
     store = Path(store)
     fit_dir = Path(out) if out is not None else fit_dir_for(store)
     ref: SourceRef = source if source is not None else StoreRef.of(store)
@@ -185,7 +193,7 @@ def fit_store(
     cfg = FitConfig(str(fit_dir), tuple(steps), i0, seed, n_bins, backend)
     n_read = len(steps)
     step_bytes = sum(p.nbytes for t in tasks for p in t)
-    totals = _run(client, scheduler, ref, {p.name: p for p in plans}, tasks, cfg,
+    totals = _run(executor, client, scheduler, ref, {p.name: p for p in plans}, tasks, cfg,
                   step_bytes * n_read, progress)
     attrs = {"steps": steps, "window": [-1 if w is None else w for w in window], "seed": seed}
     names = [p.name for p in plans]
@@ -197,21 +205,16 @@ def fit_store(
                      time.perf_counter() - t0, hists)
 
 
-def _run(client: Any, scheduler: str | None, ref: SourceRef, plans: dict[str, TensorPlan],
-         tasks: list, cfg: FitConfig, total_bytes: int, progress: bool) -> dict:
-    """Run the graph on the given client, or on one from ``dask_client``, with a progress bar."""
-    from tqdm.auto import tqdm
-
-    from pipeline.compute import dask_client
+def _run(executor: str, client: Any, scheduler: str | None, ref: SourceRef,
+         plans: dict[str, TensorPlan], tasks: list, cfg: FitConfig, total_bytes: int,
+         progress: bool) -> dict:
+    """Run the graph on the chosen executor (and cluster), with a progress bar."""
+    from pipeline.compute.executors import open_executor
+    from pipeline.console import progress_bar
 
     token = uuid.uuid4().hex[:12]
     n_steps = len(cfg.steps)
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="fit", disable=not progress,
-              leave=False) as bar:
-        def done(nbytes: int) -> None:
-            bar.update(nbytes * n_steps)
-
-        if client is not None:
-            return run_graph(client, ref, plans, tasks, cfg, token, done)
-        with dask_client(scheduler) as c:
-            return run_graph(c, ref, plans, tasks, cfg, token, done)
+    with progress_bar(total_bytes, "fit", unit="B", enabled=progress) as bar, \
+            open_executor(executor, scheduler, client) as ex:
+        return run_graph(ex, ref, plans, tasks, cfg, token,
+                         lambda nbytes: bar.update(nbytes * n_steps))
