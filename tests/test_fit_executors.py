@@ -50,3 +50,32 @@ def test_cli_refuses_unknown_backend_and_executor(tmp_path):
     assert r.exit_code == 2 and "warp" in r.output
     r = CliRunner().invoke(app, ["fit", str(tmp_path / "x.zarr"), "--backend", "cuda9"])
     assert r.exit_code == 2 and "cuda9" in r.output
+
+
+class Labelled:
+    """A store source that labels its arrays itself (as a log-prob store will)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def labels(self, name: str) -> tuple[int, str]:
+        return (len(name) % 3, "custom")
+
+
+class LabelledRef(StoreRef):
+    def open(self, n_steps=None):
+        return Labelled(super().open(n_steps))
+
+
+def test_layer_and_module_labels_come_from_the_source(tiny_run_fp32, tmp_path):
+    store = tmp_path / "run.zarr"
+    ingest(tiny_run_fp32, store, progress=False)
+    rep = fit_store(store, tmp_path / "l.fit", executor="serial", progress=False,
+                    source=LabelledRef(str(store.resolve())))
+    ds = rep.histograms["moving"]
+    assert set(ds.module.values) == {"custom"}
+    assert sorted(set(int(v) for v in ds.layer.values)) == sorted(
+        {len(n) % 3 for n in rep.result().tensor_names})

@@ -20,7 +20,7 @@ import pandas as pd
 import xarray as xr
 
 from pipeline.fit.kernels import THRESHOLDS, bin_edges, hist_median
-from pipeline.fit.names import NO_LAYER, display_name, module_rank, parse_name
+from pipeline.fit.names import NO_LAYER, NameInfo, display_name, module_rank, parse_name
 
 COUNT_VARS = ("n_elements", "n_static", "n_nonfinite", "n_selected", "removed_min_change",
               "removed_distinct", "r2_sum", "null_r2_sum") + tuple(
@@ -29,9 +29,14 @@ COUNT_VARS = ("n_elements", "n_static", "n_nonfinite", "n_selected", "removed_mi
 
 
 def build_dataset(names: list[str], summaries: Mapping[str, Any], selection: str,
-                  n_bins: int, attrs: dict[str, Any]) -> xr.Dataset:
-    """Dataset (tensor x bin) of one selection from per-tensor ``TensorSummary`` objects."""
-    infos = [parse_name(n) for n in names]
+                  n_bins: int, attrs: dict[str, Any],
+                  labels: Mapping[str, tuple[int, str]] | None = None) -> xr.Dataset:
+    """Dataset (tensor x bin) of one selection from per-tensor ``TensorSummary`` objects.
+
+    ``labels`` (name -> (layer, module)) come from the source (a log-prob store
+    labels its arrays its own way); by default they are parsed from weight names.
+    """
+    infos = [NameInfo(*labels[n]) if labels is not None else parse_name(n) for n in names]
     edges = bin_edges(n_bins)
     sel = [summaries[n].selections[selection] for n in names]
     data: dict[str, Any] = {

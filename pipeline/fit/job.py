@@ -29,6 +29,7 @@ import xarray as xr
 
 from pipeline.checkpoints.format import logical_dtype
 from pipeline.compute.executors import DEFAULT_EXECUTOR, EXECUTORS
+from pipeline.dtypes import dtype_name
 from pipeline.engine import BACKENDS, DEFAULT_BACKEND
 from pipeline.errors import PipelineError, check_int, check_output
 from pipeline.fit.graph import FitConfig, fit_rows, plan_tasks, run_graph
@@ -46,6 +47,7 @@ from pipeline.fit.results import (
     write_meta,
 )
 from pipeline.fit.source import SourceRef, StoreRef, store_inputs
+from pipeline.steps.source import weight_labels
 
 DEFAULT_BLOCK_BYTES = 4 << 20  # checkpoint bytes per step per task
 DEFAULT_BINS = 100
@@ -172,7 +174,7 @@ def fit_store(
     plans = []
     for name in src.tensor_names:
         shape = tuple(src.shape(name))
-        dt = src.dtype(name)
+        dt = dtype_name(src.dtype(name))  # a name (JSON) whatever the source returns
         rows = fit_rows(shape, src.chunk_rows(name), logical_dtype(dt).itemsize, block_bytes)
         plans.append(TensorPlan(name, shape, dt, rows))
         _ = plans[-1].path  # its array key: a name that cannot be one fails before any write
@@ -197,7 +199,9 @@ def fit_store(
                   step_bytes * n_read, progress)
     attrs = {"steps": steps, "window": [-1 if w is None else w for w in window], "seed": seed}
     names = [p.name for p in plans]
-    hists = {sel: build_dataset(names, totals, sel, n_bins, attrs) for sel in SELECTIONS}
+    labels_of = getattr(src, "labels", weight_labels)  # the source labels its arrays
+    labels = {n: tuple(labels_of(n)) for n in names}
+    hists = {sel: build_dataset(names, totals, sel, n_bins, attrs, labels) for sel in SELECTIONS}
     write_outputs(fit_dir, hists)
     meta["complete"] = True
     write_meta(fit_dir, meta)
