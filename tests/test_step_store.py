@@ -31,10 +31,10 @@ def test_append_and_read_back(tmp_path):
     r = StepStore.open(tmp_path / "s.zarr", kind="logprobs")
     assert r.steps == [0, 10, 30] and r.names == sorted(ARRAYS)
     for name in ARRAYS:
-        np.testing.assert_array_equal(r.read(name), np.stack([want[s][name] for s in want]))
-        np.testing.assert_array_equal(r.read(name, [2, 0]), np.stack([want[30][name],
+        np.testing.assert_array_equal(r.read_block(name), np.stack([want[s][name] for s in want]))
+        np.testing.assert_array_equal(r.read_block(name, [2, 0]), np.stack([want[30][name],
                                                                      want[0][name]]))
-    np.testing.assert_array_equal(r.read("logprob", slice(1, 3), rows=slice(1, 4)),
+    np.testing.assert_array_equal(r.read_block("logprob", slice(1, 3), rows=slice(1, 4)),
                                   np.stack([want[10]["logprob"][1:4], want[30]["logprob"][1:4]]))
     assert r.record(1) == {"step": 10, "folder": "global_step_10"}
     assert sorted(p.name for p in (tmp_path / "s.zarr").iterdir()) == \
@@ -57,9 +57,9 @@ def test_bad_appends_are_refused_and_change_nothing(tmp_path):
         st.append(20, {"logprob": _values(20)["logprob"]})
     r = StepStore.open(tmp_path / "s.zarr")
     assert r.steps == [10]
-    np.testing.assert_array_equal(r.read("logprob")[0], _values(10)["logprob"])
+    np.testing.assert_array_equal(r.read("logprob", 10), _values(10)["logprob"])
     with pytest.raises(PipelineError, match="positions \\[1\\] are not committed"):
-        r.read("logprob", [1])
+        r.read_block("logprob", [1])
     with pytest.raises(PipelineError, match="is a 'logprobs' step store, not 'weights'"):
         StepStore.open(tmp_path / "s.zarr", kind="weights")
     with pytest.raises(PipelineError, match="already holds 1 committed steps"):
@@ -90,9 +90,9 @@ def test_a_killed_writer_is_invisible_and_resumed(tmp_path):
     assert p.returncode == 9
     r = StepStore.open(path)
     assert r.steps == [10]  # the half-written step 20 is not visible
-    assert r.read("logprob").shape == (1, 5, 3)
+    assert r.read_block("logprob").shape == (1, 5, 3)
     r.append(20, _values(20))  # resumes at the same position and overwrites the partial chunks
     r2 = StepStore.open(path)
     assert r2.steps == [10, 20]
-    np.testing.assert_array_equal(r2.read("logprob")[1], _values(20)["logprob"])
-    np.testing.assert_array_equal(r2.read("a/../b")[1], _values(20)["a/../b"])
+    np.testing.assert_array_equal(r2.read("logprob", 20), _values(20)["logprob"])
+    np.testing.assert_array_equal(r2.read("a/../b", 20), _values(20)["a/../b"])

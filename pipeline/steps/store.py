@@ -160,24 +160,49 @@ class StepStore:
             self._arrays[(name, mode)] = arr
         return arr
 
-    def read(self, name: str, positions: slice | Sequence[int] | None = None,
-             rows: slice | None = None) -> np.ndarray:
+    # -- the StepSource interface (pipeline.steps.source): the fit reads through it ----------
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return self.names
+
+    def chunk_rows(self, name: str) -> int:
+        chunks = self.array(name).chunks
+        return int(chunks[1]) if len(chunks) > 1 else 1
+
+    def labels(self, name: str) -> tuple[int, str]:
+        """No decoder layer; the array's own name (or its ``module`` attribute) as the module."""
+        return -1, str(self.spec(name).get("module", name))
+
+    def read_block(self, name: str, steps: slice | Sequence[int] | None = None,
+                   rows: slice | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """Committed positions of one array as (k, *shape) (``rows`` slices axis 1)."""
         n = len(self._steps)
-        if positions is None:
-            positions = slice(0, n)
-        if isinstance(positions, slice):
-            start, stop, stride = positions.indices(n)
+        if steps is None:
+            steps = slice(0, n)
+        if isinstance(steps, slice):
+            start, stop, stride = steps.indices(n)
             idx: Any = slice(start, stop, stride)
         else:
-            idx = [int(i) for i in positions]
+            idx = [int(i) for i in steps]
             bad = [i for i in idx if not 0 <= i < n]
             if bad:
                 raise PipelineError(f"positions {bad} are not committed (the store has {n})",
                                     self.path)
         sel = (idx,) if rows is None or not self.shape(name) else (idx, rows)
-        return np.asarray(self.array(name).get_orthogonal_selection(sel)
-                          if not isinstance(idx, slice) else self.array(name)[sel])
+        got = np.asarray(self.array(name).get_orthogonal_selection(sel)
+                         if not isinstance(idx, slice) else self.array(name)[sel])
+        if out is None:
+            return got
+        np.copyto(out, got.reshape(out.shape))
+        return out
+
+    def read(self, name: str, step: int, rows: slice | None = None) -> np.ndarray:
+        """One committed training step's rows."""
+        if step not in self._steps:
+            raise PipelineError(f"step {step} is not committed (the store has {self._steps})",
+                                self.path)
+        return self.read_block(name, [self._steps.index(step)], rows)[0]
 
     # -- appending (one writer at a time) ----------------------------------------------------
 
@@ -232,3 +257,18 @@ class StepStore:
             self.write(name, index, v)
         self.commit(index, step, record)
         return index
+
+
+@dataclass(frozen=True)
+class StepStoreRef:
+    """A picklable handle a fit task opens where it runs (``pipeline.fit.source.SourceRef``)."""
+
+    path: str
+    kind: str | None = None
+
+    def open(self, n_steps: int | None = None) -> StepStore:
+        st = StepStore.open(self.path, self.kind)
+        if n_steps is not None and len(st.steps) < n_steps:
+            raise PipelineError(f"has {len(st.steps)} committed steps, the fit needs {n_steps}",
+                                self.path)
+        return st
