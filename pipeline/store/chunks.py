@@ -41,10 +41,19 @@ _BLOSC_HEADER = 16
 _local = threading.local()  # per-thread buffers: one open store serves all of a worker's threads
 
 
+KEEP_BYTES = 64 << 20  # largest scratch buffer a thread keeps between calls
+
+
 def scratch(n: int, dtype: np.dtype) -> np.ndarray:
-    """A flat buffer of ``n`` items, this thread's own, reused call after call (no page faults)."""
-    bufs: dict[str, np.ndarray] = _local.__dict__.setdefault("bufs", {})
+    """A flat buffer of ``n`` items, this thread's own, reused call after call (no page faults).
+
+    A request over ``KEEP_BYTES`` gets a new array that is not kept (a
+    whole large tensor read at once must not pin its size per thread).
+    """
     dtype = np.dtype(dtype)
+    if n * dtype.itemsize > KEEP_BYTES:
+        return np.empty(n, dtype)
+    bufs: dict[str, np.ndarray] = _local.__dict__.setdefault("bufs", {})
     buf = bufs.get(dtype.str)
     if buf is None or buf.size < n:
         buf = bufs[dtype.str] = np.empty(n, dtype)
