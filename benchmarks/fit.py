@@ -10,7 +10,9 @@ Measures, each in its own process tree with RSS sampled every 20 ms
   torch tensors, then per tensor a float64 ``torch.linalg.lstsq`` against the
   normalised step plus their Pearson R²;
 * read pass: every chunk of the store read and decoded once (same Dask plan,
-  same workers, no arithmetic) -- the floor for any out-of-core fit;
+  same workers, no arithmetic) -- the floor for any out-of-core fit; the
+  workers import the reader's modules first, untimed (printed apart: a
+  one-off per worker process, mostly ml_dtypes, that used to be most of it);
 * fit: ``fit_store`` from scratch (null, filters, histograms included), with
   the fused kernel backend ``--backend`` (default numba, one thread per Dask
   worker process); also reported: bytes the fit wrote per element.
@@ -117,6 +119,13 @@ def _read_task(store: str, pieces: list, n_steps: int) -> int:
     return total
 
 
+def _import_read_modules() -> None:
+    """What ``_read_task`` imports (ml_dtypes alone is 1.3-2 s per process here)."""
+    import pipeline.fit.graph
+    import pipeline.fit.source
+    import pipeline.store.reader  # noqa: F401
+
+
 def run_read_pass(store: Path, workers: int, block_bytes: int) -> dict:
     from pipeline.checkpoints.format import logical_dtype
     from pipeline.compute import dask_client
@@ -130,10 +139,15 @@ def run_read_pass(store: Path, workers: int, block_bytes: int) -> dict:
         for n in src.tensor_names]
     tasks = plan_tasks(plans, block_bytes)
     with dask_client(n_workers=workers) as c:
+        # imports are a one-off per worker process, untimed (the fit warms its backend too)
+        t0 = time.perf_counter()
+        c.run(_import_read_modules)
+        warm = time.perf_counter() - t0
         t0 = time.perf_counter()
         futs = [c.submit(_read_task, str(store), t, len(src.steps), pure=False) for t in tasks]
         total = sum(c.gather(futs))
-        return {"seconds": time.perf_counter() - t0, "bytes": total, "tasks": len(tasks)}
+        return {"seconds": time.perf_counter() - t0, "bytes": total, "tasks": len(tasks),
+                "import_seconds": warm}
 
 
 def _folder_bytes(p: Path) -> int:
@@ -228,6 +242,7 @@ def measure_size(args: argparse.Namespace) -> dict:
     print(f"{'':10s} {'seconds':>9s} {'GB/s':>8s} {'peak RSS GB':>12s}")
     for m, r in res.items():
         print(f"{m:10s} {r['seconds']:9.2f} {gb / r['seconds']:8.3f} {r['peak_rss'] / 1e9:12.2f}")
+    print(f"(read pass: workers' imports first, untimed: {res['read']['import_seconds']:.2f} s)")
     if "baseline" in res:
         b = res["baseline"]
         print(f"fit / baseline throughput: {b['seconds'] / f['seconds']:.2f}x (goal >= 10); "

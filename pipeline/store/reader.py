@@ -22,6 +22,7 @@ import zarr
 
 from pipeline.checkpoints.format import logical_dtype
 from pipeline.errors import PipelineError
+from pipeline.store.chunks import DirectArray, scratch
 from pipeline.store.codec import DEFAULT_KEY_EVERY, as_float, as_logical, decode_positions
 from pipeline.store.layout import TENSORS_GROUP
 from pipeline.store.state import StoreState, read_meta
@@ -44,6 +45,7 @@ class RunStore:
         self._steps = list(st.steps)
         self._records = st.records
         self._arrays: dict[str, zarr.Array] = {}
+        self._direct: dict[str, DirectArray | None] = {}
         return self
 
     # -- metadata -------------------------------------------------------------------------------
@@ -131,8 +133,31 @@ class RunStore:
             raise ValueError(f"out is {out.shape} {out.dtype}, the block is {shape} {dtype}")
         if not idx:
             return out
+        direct = self._direct_array(name)
+        if direct is not None and out.flags.c_contiguous:
+            r0, r1 = (tail[0].indices(full[0])[:2]) if full else (0, 1)
+            if not full or tail[0].step in (None, 1):
+                self._decode_direct(direct, idx, r0, max(r0, r1), out)
+                return out
         self._decode_into(arr, idx, tail, out)
         return out
+
+    def _direct_array(self, name: str) -> DirectArray | None:
+        """The tensor's chunk files read directly (``chunks``), or ``None``: read via zarr."""
+        if name not in self._direct:
+            folder = self.path / TENSORS_GROUP / self._entry(name)["path"]
+            d = DirectArray.open(folder)
+            if d is not None and (d.shape[1:] != self.shape(name)
+                                  or d.dtype != _native(self._array(name).dtype)):
+                d = None
+            self._direct[name] = d
+        return self._direct[name]
+
+    def _decode_direct(self, arr: DirectArray, idx: list[int], r0: int, r1: int,
+                       out: np.ndarray) -> None:
+        """``_decode_into`` reading chunk files: one reused buffer for every stored block."""
+        buf = scratch(int(np.prod(out.shape[1:], dtype=np.int64)), out.dtype).reshape(out.shape[1:])
+        decode_positions(lambda p: arr.load_into(p, r0, r1, buf), idx, self._key_every, out)
 
     def _decode_into(self, arr: zarr.Array, idx: list[int], tail: tuple,
                      out: np.ndarray) -> None:
