@@ -262,27 +262,31 @@ def _finish(S, U, lo, hi, nf, sx, sxx, x0, n_bins, min_change, thr,
         n_moving += 1
         moved = (mx[i] - mn[i]) > min_change
         n_change += moved
-        paper = moved and has4[i] != 0
-        cat = 2 if paper else 1
+        paper = moved & (has4[i] != 0)  # & on bools, not ``and``: no branches (unpredictable)
+        cat = 1 + paper
         b = min(int(r2 * n_bins), n_bins - 1)  # truncation = floor (R² >= 0); 1 -> last bin
         hist[0, cat, b] += 1
-        pf = 1.0 if paper else 0.0
+        pf = np.float64(paper)
         sm += r2
         sp += r2 * pf
-        am0 += r2 > t0
-        am1 += r2 > t1
-        ap0 += (r2 > t0) and paper
-        ap1 += (r2 > t1) and paper
+        g0 = r2 > t0
+        g1 = r2 > t1
+        am0 += g0
+        am1 += g1
+        ap0 += g0 & paper
+        ap1 += g1 & paper
         v = nr2r[i]
         if v == v:  # a NaN null R² (rounding, Syy <= 0) counts nowhere
             b = min(int(v * n_bins), n_bins - 1)
             hist[1, cat, b] += 1
             nsm += v
             nsp += v * pf
-            bm0 += v > t0
-            bm1 += v > t1
-            bp0 += (v > t0) and paper
-            bp1 += (v > t1) and paper
+            g0 = v > t0
+            g1 = v > t1
+            bm0 += g0
+            bm1 += g1
+            bp0 += g0 & paper
+            bp1 += g1 & paper
     counts[0] += n_static
     counts[1] += n_nonfinite
     counts[2] += n_moving
