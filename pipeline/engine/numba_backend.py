@@ -33,6 +33,7 @@ from pipeline.engine.spec import (
     F32,
     MIN_CHANGE,
     THRESHOLDS,
+    WIDE,
     BlockCounts,
     Codec,
     XStats,
@@ -143,10 +144,29 @@ def _accumulate(bits, kind, lut, wide, xs, words, off, negz, first, lo, hi, S, U
     ``words[r]``: packed null signs of row r; element lo + i is bit off + lo + i.
     """
     n = hi - lo
+    if kind == WIDE:
+        _accumulate_keys(bits, kind, lut, wide, xs, words, off, negz, first, lo, hi, S, U,
+                         U[0, :n], U[1, :n], U[2, :n], U[3, :n])
+    else:  # keys of at most 32 bits: packed in the first n uint32 of their rows (half the bytes)
+        _accumulate_keys(bits, kind, lut, wide, xs, words, off, negz, first, lo, hi, S, U,
+                         U[0].view(np.uint32)[:n], U[1].view(np.uint32)[:n],
+                         U[2].view(np.uint32)[:n], U[3].view(np.uint32)[:n])
+
+
+@njit(**_OPTS)
+def _accumulate_keys(bits, kind, lut, wide, xs, words, off, negz, first, lo, hi, S, U,
+                     b0, v1, v2, rowb):
+    """``_accumulate`` with the bit-key rows w0/v1/v2/row as given (uint64 or uint32 views).
+
+    A carry (``_store``/``_load``) copies the first n uint64 of each row, which
+    hold the n packed uint32 keys: tiles are the same in every call, so each
+    tile gets back the keys it wrote.
+    """
+    n = hi - lo
     k = bits.shape[0]
     sd, sxd, sdd, se, sxe, see = S[0, :n], S[1, :n], S[2, :n], S[3, :n], S[4, :n], S[5, :n]
     e, dprev, w0, mn, mx, rowf = S[6, :n], S[7, :n], S[8, :n], S[9, :n], S[10, :n], S[11, :n]
-    b0, v1, v2, rowb, msk = U[0, :n], U[1, :n], U[2, :n], U[3, :n], U[4, :n]
+    msk = U[4, :n]
     has4 = U[5, :n]
     r0 = 0
     if first:
