@@ -137,9 +137,11 @@ def _accumulate(bits, kind, lut, wide, xs, words, off, negz, first, lo, hi, S, U
     """Every row of ``bits`` into the accumulators of elements [lo, hi).
 
     ``S`` (N_F + 1, >= hi - lo) float64 rows: the accumulators, then the decoded
-    row; ``U`` (N_B + 2, ...) uint64 rows: w0/v1/v2 bit keys, the row's keys, the
-    row's sign masks; column i is element lo + i. (Rows of one scratch array
-    are padded apart: rows a power of two apart share L1 sets and thrash.)
+    row; ``U`` (N_B + 3, ...) uint64 rows: w0/v1/v2 bit keys, the row's keys, the
+    row's sign masks, the 4-distinct flag; column i is element lo + i (keys of
+    dtypes of at most 32 bits and the flag are uint32, packed: views of rows).
+    (Rows of one scratch array are padded apart: rows a power of two apart
+    share L1 sets and thrash.)
     ``first``: row 0 is the window's first step and initialises them.
     ``words[r]``: packed null signs of row r; element lo + i is bit off + lo + i.
     """
@@ -167,7 +169,7 @@ def _accumulate_keys(bits, kind, lut, wide, xs, words, off, negz, first, lo, hi,
     sd, sxd, sdd, se, sxe, see = S[0, :n], S[1, :n], S[2, :n], S[3, :n], S[4, :n], S[5, :n]
     e, dprev, w0, mn, mx, rowf = S[6, :n], S[7, :n], S[8, :n], S[9, :n], S[10, :n], S[11, :n]
     msk = U[4, :n]
-    has4 = U[5, :n]
+    has4 = U[5].view(np.uint32)[:n]  # a flag: uint32, as the packed keys (see ``_finish``)
     r0 = 0
     if first:
         _decode_row(bits, 0, lo, hi, kind, lut, wide, negz, rowf, rowb)
@@ -219,7 +221,7 @@ def _accumulate_keys(bits, kind, lut, wide, xs, words, off, negz, first, lo, hi,
             e2 = q == z
             v1[i] = b if new & e1 else p
             v2[i] = b if new & (not e1) & e2 else q
-            has4[i] = has4[i] | np.uint64(new & (not e1) & (not e2))
+            has4[i] = has4[i] | np.uint32(new & (not e1) & (not e2))
 
 
 @njit(**_OPTS)
@@ -267,7 +269,7 @@ def _finish(S, U, lo, hi, nf, sx, sxx, x0, n_bins, min_change, thr,
         nr2o[lo + i] = nr2
         r2r[i] = r2
         nr2r[i] = nr2
-    has4 = U[5, :n]
+    has4 = U[5].view(np.uint32)[:n]  # as ``_accumulate_keys`` writes it
     t0, t1 = thr[0], thr[1]
     n_static = n_nonfinite = n_moving = n_change = 0
     sm, sp, nsm, nsp = 0.0, 0.0, 0.0, 0.0  # R² / null R² sums: moving, paper
