@@ -201,8 +201,7 @@ def _accumulate_keys(bits, kind, lut, wide, xs, words, off, negz, first, lo, hi,
             sxe[i] += x * ev
             see[i] += ev * ev
             dprev[i] = d
-        for i in range(n):  # the range: selects, no branches (a NaN stays, as np.minimum's)
-            v = rowf[i]
+            v = rowf[i]  # the range: selects, no branches (a NaN stays, as np.minimum's)
             lo_v = mn[i]
             hi_v = mx[i]
             lo_v = v if v < lo_v else lo_v
