@@ -33,6 +33,7 @@ from pipeline.engine.spec import (
     F32,
     MIN_CHANGE,
     THRESHOLDS,
+    WIDE,
     BlockCounts,
     Codec,
     XStats,
@@ -136,18 +137,39 @@ def _accumulate(bits, kind, lut, wide, xs, words, off, negz, first, lo, hi, S, U
     """Every row of ``bits`` into the accumulators of elements [lo, hi).
 
     ``S`` (N_F + 1, >= hi - lo) float64 rows: the accumulators, then the decoded
-    row; ``U`` (N_B + 2, ...) uint64 rows: w0/v1/v2 bit keys, the row's keys, the
-    row's sign masks; column i is element lo + i. (Rows of one scratch array
-    are padded apart: rows a power of two apart share L1 sets and thrash.)
+    row; ``U`` (N_B + 3, ...) uint64 rows: w0/v1/v2 bit keys, the row's keys, the
+    row's sign masks, the 4-distinct flag; column i is element lo + i (keys of
+    dtypes of at most 32 bits and the flag are uint32, packed: views of rows).
+    (Rows of one scratch array are padded apart: rows a power of two apart
+    share L1 sets and thrash.)
     ``first``: row 0 is the window's first step and initialises them.
     ``words[r]``: packed null signs of row r; element lo + i is bit off + lo + i.
+    """
+    n = hi - lo
+    if kind == WIDE:
+        _accumulate_keys(bits, kind, lut, wide, xs, words, off, negz, first, lo, hi, S, U,
+                         U[0, :n], U[1, :n], U[2, :n], U[3, :n])
+    else:  # keys of at most 32 bits: packed in the first n uint32 of their rows (half the bytes)
+        _accumulate_keys(bits, kind, lut, wide, xs, words, off, negz, first, lo, hi, S, U,
+                         U[0].view(np.uint32)[:n], U[1].view(np.uint32)[:n],
+                         U[2].view(np.uint32)[:n], U[3].view(np.uint32)[:n])
+
+
+@njit(**_OPTS)
+def _accumulate_keys(bits, kind, lut, wide, xs, words, off, negz, first, lo, hi, S, U,
+                     b0, v1, v2, rowb):
+    """``_accumulate`` with the bit-key rows w0/v1/v2/row as given (uint64 or uint32 views).
+
+    A carry (``_store``/``_load``) copies the first n uint64 of each row, which
+    hold the n packed uint32 keys: tiles are the same in every call, so each
+    tile gets back the keys it wrote.
     """
     n = hi - lo
     k = bits.shape[0]
     sd, sxd, sdd, se, sxe, see = S[0, :n], S[1, :n], S[2, :n], S[3, :n], S[4, :n], S[5, :n]
     e, dprev, w0, mn, mx, rowf = S[6, :n], S[7, :n], S[8, :n], S[9, :n], S[10, :n], S[11, :n]
-    b0, v1, v2, rowb, msk = U[0, :n], U[1, :n], U[2, :n], U[3, :n], U[4, :n]
-    has4 = U[5, :n]
+    msk = U[4, :n]
+    has4 = U[5].view(np.uint32)[:n]  # a flag: uint32, as the packed keys (see ``_finish``)
     r0 = 0
     if first:
         _decode_row(bits, 0, lo, hi, kind, lut, wide, negz, rowf, rowb)
@@ -179,8 +201,7 @@ def _accumulate(bits, kind, lut, wide, xs, words, off, negz, first, lo, hi, S, U
             sxe[i] += x * ev
             see[i] += ev * ev
             dprev[i] = d
-        for i in range(n):  # the range: selects, no branches (a NaN stays, as np.minimum's)
-            v = rowf[i]
+            v = rowf[i]  # the range: selects, no branches (a NaN stays, as np.minimum's)
             lo_v = mn[i]
             hi_v = mx[i]
             lo_v = v if v < lo_v else lo_v
@@ -199,7 +220,7 @@ def _accumulate(bits, kind, lut, wide, xs, words, off, negz, first, lo, hi, S, U
             e2 = q == z
             v1[i] = b if new & e1 else p
             v2[i] = b if new & (not e1) & e2 else q
-            has4[i] = has4[i] | np.uint64(new & (not e1) & (not e2))
+            has4[i] = has4[i] | np.uint32(new & (not e1) & (not e2))
 
 
 @njit(**_OPTS)
@@ -247,7 +268,7 @@ def _finish(S, U, lo, hi, nf, sx, sxx, x0, n_bins, min_change, thr,
         nr2o[lo + i] = nr2
         r2r[i] = r2
         nr2r[i] = nr2
-    has4 = U[5, :n]
+    has4 = U[5].view(np.uint32)[:n]  # as ``_accumulate_keys`` writes it
     t0, t1 = thr[0], thr[1]
     n_static = n_nonfinite = n_moving = n_change = 0
     sm, sp, nsm, nsp = 0.0, 0.0, 0.0, 0.0  # R² / null R² sums: moving, paper
@@ -262,27 +283,31 @@ def _finish(S, U, lo, hi, nf, sx, sxx, x0, n_bins, min_change, thr,
         n_moving += 1
         moved = (mx[i] - mn[i]) > min_change
         n_change += moved
-        paper = moved and has4[i] != 0
-        cat = 2 if paper else 1
+        paper = moved & (has4[i] != 0)  # & on bools, not ``and``: no branches (unpredictable)
+        cat = 1 + paper
         b = min(int(r2 * n_bins), n_bins - 1)  # truncation = floor (R² >= 0); 1 -> last bin
         hist[0, cat, b] += 1
-        pf = 1.0 if paper else 0.0
+        pf = np.float64(paper)
         sm += r2
         sp += r2 * pf
-        am0 += r2 > t0
-        am1 += r2 > t1
-        ap0 += (r2 > t0) and paper
-        ap1 += (r2 > t1) and paper
+        g0 = r2 > t0
+        g1 = r2 > t1
+        am0 += g0
+        am1 += g1
+        ap0 += g0 & paper
+        ap1 += g1 & paper
         v = nr2r[i]
         if v == v:  # a NaN null R² (rounding, Syy <= 0) counts nowhere
             b = min(int(v * n_bins), n_bins - 1)
             hist[1, cat, b] += 1
             nsm += v
             nsp += v * pf
-            bm0 += v > t0
-            bm1 += v > t1
-            bp0 += (v > t0) and paper
-            bp1 += (v > t1) and paper
+            g0 = v > t0
+            g1 = v > t1
+            bm0 += g0
+            bm1 += g1
+            bp0 += g0 & paper
+            bp1 += g1 & paper
     counts[0] += n_static
     counts[1] += n_nonfinite
     counts[2] += n_moving
