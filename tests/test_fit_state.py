@@ -107,7 +107,7 @@ def test_cli_has_no_state_option_and_takes_a_backend(store, default_fit, tmp_pat
     assert res.exit_code == 2 and not out.exists()
     res = CliRunner().invoke(app, ["fit", str(store), "--out", str(out), "--backend", "nope",
                                    "--no-progress"])
-    assert res.exit_code != 0 and "unknown --backend" in res.output and not out.exists()
+    assert res.exit_code == 2 and "nope" in res.output and not out.exists()  # Typer's choices
     res = CliRunner(env={"COLUMNS": "200"}).invoke(
         app, ["fit", str(store), "--out", str(out), "--backend", "torch-cpu", "--no-progress"])
     assert res.exit_code == 0, res.output
