@@ -18,6 +18,7 @@ race, and a task re-run after a worker died rewrites the same bytes.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 import zarr
 
 from pipeline.errors import PipelineError
+from pipeline.store import zmeta
 from pipeline.store.naming import escape_name
 
 # 2: n_nonfinite in the histograms; 3: min/max as raw bits; 4: the fused kernel, no state
@@ -99,13 +101,27 @@ def create_fit(fit_dir: str | Path, tensors: list[TensorPlan], meta: dict[str, A
     root = zarr.open_group(str(Path(fit_dir) / ELEMENTS), mode="w")
     root.attrs[ATTRS_KEY] = meta
     tg = root.create_group("tensors")
+    # zarr's create_array costs ms per array (4 per tensor); the first array of each rank is
+    # made by zarr and its document reused for the others with their shape and chunks
+    # (pipeline.store.zmeta writes it the way zarr does)
+    templates: dict[int, dict[str, Any]] = {}
+    folder = Path(fit_dir) / ELEMENTS / "tensors"
     for t in tensors:
         chunks = t.chunks()
-        g = tg.create_group(t.path)
+        zmeta.write_node(folder / t.path, zmeta.group_doc())
         for f in RESULT_FIELDS:
-            g.create_array(f, shape=t.shape, chunks=chunks or None, dtype="float32",
-                           fill_value=np.nan, compressors=_results_compressors(),
-                           dimension_names=_dims(len(t.shape)))
+            doc = templates.get(len(t.shape))
+            if doc is None:
+                tg.require_group(t.path).create_array(
+                    f, shape=t.shape, chunks=chunks, dtype="float32",
+                    fill_value=np.nan, compressors=_results_compressors(),
+                    dimension_names=_dims(len(t.shape)), overwrite=True)
+                templates[len(t.shape)] = zmeta.read_node(folder / t.path / f)
+                continue
+            doc = copy.deepcopy(doc)
+            doc["shape"] = list(t.shape)
+            doc["chunk_grid"]["configuration"]["chunk_shape"] = list(chunks)
+            zmeta.write_node(folder / t.path / f, doc)
 
 
 def _region(shape: tuple[int, ...], rows: slice | None) -> tuple:
