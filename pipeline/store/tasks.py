@@ -24,7 +24,6 @@ identical to zarr's. Reference chunks are read back the same way.
 from __future__ import annotations
 
 import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from numcodecs import Blosc
 
 from pipeline.checkpoints.format import TensorInfo, bits_dtype, pread_exact, read_rows_bits
 from pipeline.errors import PipelineError
+from pipeline.store import zmeta
 from pipeline.store.codec import (
     DEFAULT_KEY_EVERY,
     chain,
@@ -198,13 +198,7 @@ class _ChunkWriter:
         if path.parent not in self.dirs:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.dirs.add(path.parent)
-        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        zmeta.write_atomic(path, data)
 
 
 def _chunk_at(spec: PieceSpec, index: int, a: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
