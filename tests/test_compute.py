@@ -95,9 +95,12 @@ def test_cluster_file_starts_a_local_cluster_with_its_dask_config(tmp_path):
     assert dask.config.get("distributed.scheduler.allowed-failures") == before
 
 
-def test_unreachable_scheduler_is_a_clear_error():
+def test_unreachable_scheduler_is_a_clear_error(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("rlvr-lin: {cluster: {kind: address, address: 'tcp://127.0.0.1:9', "
+                 "timeout: 2s}}\n")
     with pytest.raises(PipelineError, match="cannot reach the Dask scheduler at tcp://127.0.0.1:9"):
-        with dask_client("tcp://127.0.0.1:9"):
+        with dask_client(str(f)):
             pass
 
 

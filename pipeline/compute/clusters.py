@@ -9,10 +9,11 @@ $DASK_SCHEDULER_ADDRESS), picks a *kind* of cluster from ``CLUSTER_KINDS``:
   existing scheduler, left running on exit;
 * a YAML file: a *cluster file*. Its ``rlvr-lin.cluster`` mapping names the
   kind and its options (``kind: local``, ``n-workers: 4``, ...; or
-  ``kind: address`` with ``address:``); everything else in the file is Dask
-  configuration (``distributed.worker.memory.target``, ...), applied while
-  the client lives, as ``dask.config`` would read it from ~/.config/dask. A
-  file with only Dask's own ``scheduler-address`` key means that address.
+  ``kind: address`` with ``address:`` and an optional connect ``timeout``);
+  everything else in the file is Dask configuration
+  (``distributed.worker.memory.target``, ...), applied while the client
+  lives, as ``dask.config`` would read it from ~/.config/dask. A file with
+  only Dask's own ``scheduler-address`` key means that address.
 
 A new kind (SLURM, Kubernetes, CUDA workers) is one entry in ``CLUSTER_KINDS``:
 a function from a ``ClusterSpec`` to a context manager yielding a client.
@@ -157,7 +158,7 @@ def _address(spec: ClusterSpec) -> Iterator[Any]:
     from distributed import Client
 
     try:
-        client = Client(spec.address, timeout="30s")
+        client = Client(spec.address, timeout=spec.options.get("timeout", "30s"))
     except OSError as e:
         raise PipelineError(f"cannot reach the Dask scheduler at {spec.address} "
                             f"(from {spec.origin}): {e}") from None
