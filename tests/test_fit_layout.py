@@ -29,3 +29,34 @@ def test_create_fit_writes_zarrs_own_documents(tmp_path):
             arr = zarr.open_array(str(tmp_path / "new" / ELEMENTS), path=f"tensors/{t.path}/{f}")
             assert arr.shape == t.shape and arr.dtype == np.float32
             assert np.isnan(arr[...]).all()
+
+
+def test_result_chunks_written_directly_are_zarrs_bytes(tmp_path):
+    """write_piece writes chunk files by hand: the same files zarr writes, edge chunks too."""
+    from pipeline.fit.results import write_piece
+
+    rng = np.random.default_rng(0)
+    plans = [TensorPlan("a.weight", (7, 5), "bfloat16", 3), TensorPlan("b", (4,), "float32", 4),
+             TensorPlan("c", (), "float32", 1), TensorPlan("d", (5, 2, 3), "float32", 2)]
+    create_fit(tmp_path / "new", plans, {"x": 1})
+    create_fit(tmp_path / "ref", plans, {"x": 1})
+    for t in plans:
+        full = {f: rng.standard_normal(t.shape).astype(np.float32) for f in RESULT_FIELDS}
+        step = t.chunks()[0] * 2 if t.shape else 1
+        n = t.shape[0] if t.shape else 1
+        for r0 in range(0, n, step):  # pieces of two chunks, the last one short
+            rows = slice(r0, min(r0 + step, n)) if t.shape else None
+            write_piece(tmp_path / "new", t, rows,
+                        {f: v[rows] if t.shape else v for f, v in full.items()})
+        for f in RESULT_FIELDS:
+            ref = zarr.open_array(str(tmp_path / "ref" / ELEMENTS), path=f"tensors/{t.path}/{f}",
+                                  mode="r+")
+            ref[...] = full[f]
+            new = tmp_path / "new" / ELEMENTS / "tensors" / t.path / f
+            old = tmp_path / "ref" / ELEMENTS / "tensors" / t.path / f
+            files = sorted(p.relative_to(old) for p in old.rglob("*") if p.is_file())
+            assert files == sorted(p.relative_to(new) for p in new.rglob("*") if p.is_file())
+            for rel in files:
+                assert (new / rel).read_bytes() == (old / rel).read_bytes(), (t.name, f, rel)
+            got = zarr.open_array(str(tmp_path / "new" / ELEMENTS), path=f"tensors/{t.path}/{f}")
+            np.testing.assert_array_equal(got[...], full[f])

@@ -130,16 +130,41 @@ def _region(shape: tuple[int, ...], rows: slice | None) -> tuple:
 
 def write_piece(fit_dir: str | Path, t: TensorPlan, rows: slice | None,
                 results: dict[str, np.ndarray]) -> None:
-    """Write one piece's float32 results; rows are a whole number of chunks."""
+    """Write one piece's float32 results; rows are a whole number of chunks.
+
+    The result arrays are uncompressed little-endian float32 (``create_fit``),
+    so a chunk file is the chunk's bytes, the edge chunk padded with the fill
+    value to the whole chunk as zarr pads it: written straight to the file,
+    without zarr's per-call machinery (0.74 s of a 4.2 s fit of the 0.3 GB
+    benchmark store went to writing through zarr). A 0-d tensor goes through zarr.
+    """
     root = Path(fit_dir) / ELEMENTS
-    reg = _region(t.shape, rows)
-    block = np.empty(t.shape)[reg].shape if t.shape else ()
-    # every chunk written here is whole and new: skip zarr's "is it all fill value?" check,
-    # which costs more than compressing the chunk (it is read when the array is opened)
-    with zarr.config.set({"array.write_empty_chunks": True}):
+    if not t.shape or rows is None:
         for f in RESULT_FIELDS:
             arr = zarr.open_array(str(root), path=f"tensors/{t.path}/{f}", mode="r+")
-            arr[reg] = results[f].astype(np.float32, copy=False).reshape(block)
+            arr[...] = results[f].astype(np.float32, copy=False).reshape(t.shape)
+        return
+    chunks = t.chunks()
+    cr = chunks[0]
+    row_items = int(np.prod(t.shape[1:], dtype=np.int64))
+    if rows.start % cr or (rows.stop % cr and rows.stop != t.shape[0]):
+        raise ValueError(f"rows {rows.start}:{rows.stop} of {t.name} are not whole chunks of {cr}")
+    tail = "".join("/0" for _ in t.shape[1:])
+    pad = np.full(cr * row_items, np.nan, "<f4")
+    for f in RESULT_FIELDS:
+        vals = results[f].astype("<f4", copy=False).reshape(-1)
+        folder = root / "tensors" / t.path / f
+        for j in range(rows.start // cr, -(-rows.stop // cr)):
+            a = (j * cr - rows.start) * row_items
+            b = (min((j + 1) * cr, rows.stop) - rows.start) * row_items
+            chunk = vals[a:b]
+            if b - a < pad.size:  # the edge chunk: zarr stores it whole, padded with NaN
+                pad[: b - a] = chunk
+                chunk = pad
+            path = folder / f"c/{j}{tail}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as fh:
+                fh.write(memoryview(np.ascontiguousarray(chunk)).cast("B"))
 
 
 class FitResult:
