@@ -19,6 +19,7 @@ def test_create_fit_writes_zarrs_own_documents(tmp_path):
         for f in RESULT_FIELDS:
             g.create_array(f, shape=t.shape, chunks=t.chunks(), dtype="float32",
                            fill_value=np.nan, compressors=None,
+                           chunk_key_encoding={"name": "default", "separator": "."},
                            dimension_names=[f"dim_{i}" for i in range(len(t.shape))])
     for t in plans:
         new = tmp_path / "new" / ELEMENTS / "tensors" / t.path
