@@ -336,3 +336,30 @@ def test_generate_refuses_a_bad_prompts_file_and_other_vocabularies(tiny_run_lin
     r = cli("--late", late, "--prompts", str(bad), "--out", str(bad))
     assert r.exit_code == 2 and "choose another --out" in r.output
     assert not (tmp_path / "o.jsonl").exists() and bad.read_text() == '{"prompt": "1+1="}\n'
+
+
+def test_dropping_finished_rows_changes_nothing(pair, monkeypatch):
+    """Compacting the caches (rows done at different steps) = decoding every row to the end."""
+    import pipeline.outputs.generate as gen
+
+    early, late = pair
+    s = replace(SAMPLED, temperature=1.5, max_new_tokens=8)
+    compacted = list(decode([early, late], PROMPTS, 3, s, alpha=1.5, batch_size=7))
+    monkeypatch.setattr(gen, "COMPACT_FRACTION", 2.0)  # never compact
+    assert list(decode([early, late], PROMPTS, 3, s, alpha=1.5, batch_size=7)) == compacted
+    assert len({len(c.token_ids) for c in compacted}) > 1  # rows did finish at different steps
+
+
+def test_processor_restarts_on_a_new_generate_call(pair):
+    """One processor object reused across generate calls (new prompt, one token longer)."""
+    early, late = pair
+    proc = LogitsExtrapolation(early, 1.5)
+    kw = dict(max_new_tokens=1, do_sample=False, pad_token_id=late.tokenizer.pad_token_id)
+    first = late.tokenizer(["12+34="], return_tensors="pt")
+    late.model.generate(**first, logits_processor=[proc], **kw)
+    second = late.tokenizer(["1+2+34="], return_tensors="pt")  # one longer, not a continuation
+    fresh = late.model.generate(**second, logits_processor=[LogitsExtrapolation(early, 1.5)],
+                                output_scores=True, return_dict_in_generate=True, **kw)
+    reused = late.model.generate(**second, logits_processor=[proc], output_scores=True,
+                                 return_dict_in_generate=True, **kw)
+    assert torch.equal(fresh.scores[0], reused.scores[0])
