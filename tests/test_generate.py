@@ -54,10 +54,11 @@ def hf_greedy(m, prompts, max_new_tokens, **kw) -> list[list[int]]:
     enc = tok(prompts, return_tensors="pt", padding=True)
     out = m.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw)
-    rows = []
-    for r in out[:, enc.input_ids.shape[1]:].tolist():
-        rows.append(r[:r.index(tok.eos_token_id)] if tok.eos_token_id in r else r)
-    return rows
+    return until_eos(out[:, enc.input_ids.shape[1]:], tok.eos_token_id)
+
+
+def until_eos(new_ids: torch.Tensor, eos: int) -> list[list[int]]:
+    return [r[:r.index(eos)] if eos in r else r for r in new_ids.tolist()]
 
 
 def ids(cs: list[Completion]) -> list[list[int]]:
@@ -148,8 +149,7 @@ def test_processor_matches_cfg_guidance_and_decode(pair):
     got = list(decode([early, late], prompts, 1, Sampling(temperature=0.0, max_new_tokens=5),
                       alpha=alpha))
     n = enc.input_ids.shape[1]
-    eos = late.tokenizer.eos_token_id
-    want = [r[:r.index(eos)] if eos in r else r for r in ours.sequences[:, n:].tolist()]
+    want = until_eos(ours.sequences[:, n:], late.tokenizer.eos_token_id)
     assert ids(got) == want
     own = late.model.generate(**enc, **kw)  # alpha 1.5 really moves the scores: not vacuous
     assert (own.scores[0].log_softmax(-1) - ours.scores[0].log_softmax(-1)).abs().max() > 1e-2
@@ -363,3 +363,19 @@ def test_processor_restarts_on_a_new_generate_call(pair):
     reused = late.model.generate(**second, logits_processor=[proc], output_scores=True,
                                  return_dict_in_generate=True, **kw)
     assert torch.equal(fresh.scores[0], reused.scores[0])
+
+
+def test_processor_list_samples_after_the_mix(pair):
+    """The documented sampled use: the warpers run after the mix (top-k 1 = greedy mix)."""
+    early, late = pair
+    enc = late.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    procs = extrapolation_processors(early, 1.5, Sampling(temperature=0.7, top_k=1),
+                                     attention_mask=enc.attention_mask)
+    tok = late.tokenizer
+    out = late.model.generate(**enc, logits_processor=procs, do_sample=True, temperature=1.0,
+                              top_p=1.0, top_k=0, max_new_tokens=6,
+                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    sampled = until_eos(out[:, enc.input_ids.shape[1]:], tok.eos_token_id)
+    greedy = decode([early, late], PROMPTS, 1, Sampling(temperature=0.0, max_new_tokens=6),
+                    alpha=1.5)
+    assert sampled == ids(greedy)
