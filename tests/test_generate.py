@@ -379,3 +379,32 @@ def test_processor_list_samples_after_the_mix(pair):
     greedy = decode([early, late], PROMPTS, 1, Sampling(temperature=0.0, max_new_tokens=6),
                     alpha=1.5)
     assert sampled == ids(greedy)
+
+
+def test_bf16_checkpoints_keep_both_guarantees(tiny_run_bf16):
+    """bf16 logits are mixed in float32: greedy = transformers, alpha 1 = the late model."""
+    early = load_model(tiny_run_bf16 / "global_step_0")
+    late = load_model(tiny_run_bf16 / "global_step_100")
+    assert next(late.model.parameters()).dtype == torch.bfloat16
+    greedy = Sampling(temperature=0.0, max_new_tokens=6)
+    assert ids(decode([late], PROMPTS, 1, greedy, batch_size=3)) == hf_greedy(late, PROMPTS, 6)
+    s = replace(SAMPLED, temperature=1.5)
+    assert list(decode([early, late], PROMPTS, 2, s, alpha=1.0)) == \
+        list(decode([late], PROMPTS, 2, s))
+
+
+def test_sampled_first_tokens_follow_the_mixed_distribution(pair):
+    """Frequencies of k draws = softmax of the mix from plain forward passes (no cache)."""
+    early, late = pair
+    prompt, n, alpha = "47+56=", 4000, 1.5
+    s = Sampling(temperature=3.0, max_new_tokens=1, seed=11)
+    got = list(decode([early, late], [prompt], n, s, alpha=alpha, batch_size=n))
+    eos = late.tokenizer.eos_token_id
+    first = torch.tensor([c.token_ids[0] if c.token_ids else eos for c in got])
+    x = torch.tensor([late.tokenizer(prompt)["input_ids"]])
+    with torch.no_grad():
+        za, zb = early.model(x).logits[0, -1], late.model(x).logits[0, -1]
+    p = ((za + alpha * (zb - za)) / 3.0).double().softmax(-1)
+    freq = torch.bincount(first, minlength=p.numel()).double() / n
+    assert (p > 0.02).sum() >= 2  # a spread distribution, or the check says little
+    assert torch.allclose(freq, p, atol=4 * (0.25 / n) ** 0.5)
