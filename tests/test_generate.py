@@ -304,6 +304,9 @@ def test_generate_command_writes_decode_output(pair, tiny_run_linear, prompts_fi
     (["--alpha", "2", "--temperature", "-1"], "--temperature must be >= 0"),
     (["--alpha", "2", "--max-new-tokens", "59"], "exceeds the model's context of 64"),
     (["--alpha", "nan"], "--alpha must be a finite number"),
+    (["--alpha", "2", "--dtype", "float8"], "unknown dtype 'float8'"),
+    (["--alpha", "2", "--device", "tpu"], "unknown --device 'tpu'"),
+    (["--alpha", "2", "--stop", ""], "--stop must be non-empty strings"),
 ])
 def test_generate_bad_input_is_one_line_and_writes_nothing(tiny_run_linear, prompts_file,
                                                            tmp_path, args, needle):
