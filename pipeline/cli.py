@@ -665,7 +665,7 @@ def generate_cmd(
     elif steps is not None and to is not None:
         for v, what in ((steps[0], "--steps"), (steps[1], "--steps"), (to, "--to")):
             check_number(v, what)
-        a = alpha_for_steps(steps[0], steps[1], to)
+        a = check_number(alpha_for_steps(steps[0], steps[1], to), "alpha from --steps/--to")
     else:
         raise PipelineError("--early needs --alpha A, or --steps A B with --to T")
     if a < 0 and not allow_negative:

@@ -54,12 +54,17 @@ def check_sampling(s: Sampling) -> Sampling:
 def warp(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
     """Temperature, then top-k, then top-p (``transformers``' order); removed tokens get -inf.
 
+    The result (float64) is a row of logits up to a constant per row: only its softmax
+    matters.
+
     Top-p keeps the smallest set of most likely tokens whose probability
     reaches ``top_p`` (at least one token), as ``TopPLogitsWarper`` does.
     """
-    z = logits.float()
+    z = logits.double()  # float64: a float32 temperature of 1e-300 would be 0
     if s.temperature not in (0.0, 1.0):
-        z = z / s.temperature
+        # shifted by the row maximum first (the distribution is unchanged), so a tiny
+        # temperature sends the others to -inf instead of overflowing the top one to inf
+        z = (z - z.amax(dim=-1, keepdim=True)) / s.temperature
     if 0 < s.top_k < z.shape[-1]:
         kth = torch.topk(z, s.top_k, dim=-1).values[..., -1:]
         z = z.masked_fill(z < kth, float("-inf"))
@@ -111,7 +116,7 @@ def choose(logits: torch.Tensor, s: Sampling, u: torch.Tensor | None = None) -> 
         return torch.argmax(logits, dim=-1)
     if u is None:
         raise ValueError("sampling needs one uniform per row")
-    probs = warp(logits, s).double().softmax(dim=-1)
+    probs = warp(logits, s).softmax(dim=-1)
     cdf = probs.cumsum(dim=-1)
     total = cdf[..., -1:]
     x = torch.minimum(u.to(cdf.device, torch.float64).reshape(total.shape) * total,
