@@ -192,3 +192,35 @@ def test_cli_eval_pair_needs_alpha_or_steps(tiny_run_fp32, tmp_path):
     assert r.exit_code == 2 and "--alpha or --to" in r.output
     r = _cli(b, a, "--to", "40", "--task", "heldout")
     assert r.exit_code == 2 and "early model first" in r.output
+
+
+def test_rows_decoder_draws_what_public_decode_draws(tiny_run_fp32):
+    """The resume path decodes chosen rows; a full set of rows must be decode's own output."""
+    from pipeline.evaluation.runner import decode_rows
+    from pipeline.outputs.generate import decode
+    from pipeline.outputs.models import load_model
+
+    m = [load_model(_ckpt(tiny_run_fp32, 40))]
+    prompts = [p.prompt for p in get_task("heldout", [m[0].path]).problems[:10]]
+    s = Sampling(temperature=1.0, max_new_tokens=4, seed=11)
+    ref = {(c.prompt_index, c.sample): c for c in decode(m, prompts, 3, s, batch_size=8)}
+    rows = sorted(ref, reverse=True)  # another order, other batches
+    got = {(c.prompt_index, c.sample): c for c in decode_rows(m, prompts, s, 1.0, 4)(rows)}
+    assert got == ref
+    assert len({c.text for c in ref.values()}) > 3  # really sampled
+
+
+def test_exported_model_needs_its_run_named(tiny_run_fp32, tmp_path):
+    """An extrapolated export sits outside the run: --task heldout:RUN names the problems."""
+    from pipeline.extrapolate.export import export, make_spec
+    from pipeline.extrapolate.sources import CheckpointSource
+
+    src = CheckpointSource.from_run_dir(tiny_run_fp32)
+    export(src, tmp_path / "x", make_spec(src, "two-point", to=50, steps=[30, 40]))
+    r = _cli(tmp_path / "x", "--task", "heldout", "--out", tmp_path / "o")
+    assert r.exit_code == 2 and "--task heldout:RUN" in r.output
+    r = _cli(tmp_path / "x", "--task", f"heldout:{tiny_run_fp32}", "-k", "1", "--n", "8",
+             "--temperature", "0", "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    doc = json.loads((tmp_path / "o" / METRICS).read_text())
+    assert doc["settings"]["models"][0]["step"] is None and doc["n_problems"] == 8

@@ -51,17 +51,19 @@ class ModelRef:
     step: int | None = None
 
 
-_STEP_NAMES = [re.compile(r"global_step_([0-9]+)"), re.compile(r"checkpoint-([0-9]+)"),
-               re.compile(r"step_?([0-9]+)")]
-
-
 def _step_from_name(folder: Path) -> int | None:
-    """The step in ``global_step_N`` / ``checkpoint-N`` (or verl's ``.../actor/huggingface``)."""
+    """The step in ``global_step_N`` / ``checkpoint-N`` (or verl's ``.../actor/huggingface``).
+
+    Only the folder and two parents are looked at: an exported model inside
+    ``checkpoint-100/exports/`` is not step 100.
+    """
+    from pipeline.checkpoints.discover import DEFAULT_PATTERNS
+
     for p in [folder, *folder.parents][:3]:
-        for rx in _STEP_NAMES:
-            m = rx.fullmatch(p.name)
+        for pat in DEFAULT_PATTERNS:
+            m = re.fullmatch(pat, p.name)
             if m:
-                return int(m.group(1))
+                return int(m.group("step"))
     return None
 
 
