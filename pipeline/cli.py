@@ -614,6 +614,116 @@ def alpha_sweep_cmd(
         typer.echo(f"table: {csv_out}")
 
 
+@app.command("generate")
+@user_errors
+def generate_cmd(
+    late: Annotated[Path, typer.Option(help="the later checkpoint (alone: its own decoding)")],
+    prompts: Annotated[Path, typer.Option(help="prompts JSONL: {\"prompt\": ..., "
+                                          "\"answer\"?: ..., \"id\"?: ...} per line")],
+    out: Annotated[Path, typer.Option(help="completions JSONL to write (atomically)")],
+    early: Annotated[
+        Path | None, typer.Option(help="the earlier checkpoint: decode from the extrapolated "
+                                  "logits z_early + alpha (z_late - z_early)")
+    ] = None,
+    alpha: Annotated[float | None, typer.Option(help="the extrapolation factor")] = None,
+    steps: Annotated[
+        tuple[float, float] | None,
+        typer.Option(help="training steps A B of --early and --late (with --to)"),
+    ] = None,
+    to: Annotated[
+        float | None, typer.Option(help="target step t: alpha = (t - A) / (B - A)")
+    ] = None,
+    allow_negative: Annotated[bool, typer.Option(help="accept an alpha below 0")] = False,
+    k: Annotated[int, typer.Option("-k", help="completions per prompt")] = 1,
+    temperature: Annotated[float, typer.Option(help="0 = greedy (argmax)")] = 0.6,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling, in (0, 1]")] = 0.95,
+    top_k: Annotated[int, typer.Option(help="keep the k most likely tokens (0 = off)")] = 0,
+    max_new_tokens: int = 256,
+    seed: int = 0,
+    stop: Annotated[
+        list[str] | None, typer.Option(help="stop string besides EOS (repeatable)")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="sequences decoded together")] = 32,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="auto, float32 or bfloat16")] = "auto",
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Sample completions with one checkpoint, or with two by logits extrapolation (Eq. 1)."""
+    from pipeline.console import print_table
+    from pipeline.outputs.generate import alpha_for_steps, generate_file
+    from pipeline.outputs.sampling import Sampling
+
+    writing(out)
+    if early is None:
+        if alpha is not None or steps is not None or to is not None:
+            raise PipelineError("--alpha, --steps and --to need --early (two checkpoints)")
+        a = 1.0
+    elif alpha is not None:
+        if steps is not None or to is not None:
+            raise PipelineError("give either --alpha or --steps A B --to T, not both")
+        a = check_number(alpha, "--alpha")
+    elif steps is not None and to is not None:
+        for v, what in ((steps[0], "--steps"), (steps[1], "--steps"), (to, "--to")):
+            check_number(v, what)
+        a = alpha_for_steps(steps[0], steps[1], to)
+    else:
+        raise PipelineError("--early needs --alpha A, or --steps A B with --to T")
+    if a < 0 and not allow_negative:
+        raise PipelineError(f"alpha {a:g} is negative (past the early checkpoint, away from "
+                            "the late one); pass --allow-negative to decode anyway")
+    sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k,
+                        max_new_tokens=max_new_tokens, seed=seed, stop=tuple(stop or ()))
+    ckpts = [late] if early is None else [early, late]
+    rep = generate_file(ckpts, prompts, out, k, sampling, a, batch_size, device, dtype,
+                        progress=progress)
+    print_table(f"Completions written to {rep.out}", ["", "value"], [
+        ("models", " -> ".join(str(c) for c in ckpts)),
+        ("alpha", f"{a:g}" if early is not None else "-"),
+        ("completions", rep.completions),
+        ("finished by eos / stop / length",
+         " / ".join(str(rep.finish[f]) for f in ("eos", "stop", "length"))),
+        ("new tokens", rep.new_tokens),
+        ("tokens/s", f"{rep.new_tokens / max(rep.seconds, 1e-9):.1f}"),
+        ("seconds", f"{rep.seconds:.1f}"),
+    ])
+
+
+@app.command("probes")
+@user_errors
+def probes_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="checkpoint folder to sample from")],
+    prompts: Annotated[Path, typer.Option(help="prompts JSONL ({\"prompt\": ...} per line)")],
+    out: Annotated[Path, typer.Option(help="probes JSONL to write (atomically)")],
+    k: Annotated[int, typer.Option("-k", help="responses per prompt")] = 4,
+    temperature: Annotated[float, typer.Option(help="0 = greedy (argmax)")] = 0.6,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling, in (0, 1]")] = 0.95,
+    top_k: Annotated[int, typer.Option(help="keep the k most likely tokens (0 = off)")] = 0,
+    max_new_tokens: int = 256,
+    seed: int = 0,
+    batch_size: Annotated[int, typer.Option(help="sequences decoded together")] = 32,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="auto, float32 or bfloat16")] = "auto",
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Sample fixed responses (probes) from one checkpoint, to teacher-force through others."""
+    from pipeline.console import print_table
+    from pipeline.outputs.probes import probes_file
+    from pipeline.outputs.sampling import Sampling
+
+    writing(out)
+    sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k,
+                        max_new_tokens=max_new_tokens, seed=seed)
+    rep = probes_file(checkpoint, prompts, out, k, sampling, batch_size, device, dtype,
+                      progress=progress)
+    print_table(f"Probes written to {rep.out}", ["", "value"], [
+        ("checkpoint", str(checkpoint)),
+        ("probes", rep.completions),
+        ("finished by eos / length", f"{rep.finish['eos']} / {rep.finish['length']}"),
+        ("response tokens", rep.new_tokens),
+        ("seconds", f"{rep.seconds:.1f}"),
+    ])
+
+
 def _eval_tasks_help() -> str:
     from pipeline.evaluation.tasks import tasks_help  # the task registry names the choices
 
@@ -644,8 +754,13 @@ def eval_cmd(
     to: Annotated[
         float | None, typer.Option(help="pair: target step (alpha from the two models' steps)")
     ] = None,
-    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 1.0,
-    top_p: Annotated[float, typer.Option(help="nucleus sampling, in (0, 1]")] = 1.0,
+    steps: Annotated[
+        tuple[int, int] | None,
+        typer.Option(help="pair: training steps A B of the two models (default: from RUN@STEP "
+                     "or the folder names)"),
+    ] = None,
+    temperature: Annotated[float, typer.Option(help="0 = greedy (argmax)")] = 0.6,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling, in (0, 1]")] = 0.95,
     top_k: Annotated[int, typer.Option(help="0 = off")] = 0,
     max_new_tokens: Annotated[
         int | None, typer.Option(help="generation budget (default: the task's)")
@@ -669,7 +784,7 @@ def eval_cmd(
     if n is not None:
         check_int(n, "--n", 1)
     torch_dtype(dtype)
-    refs = [runner.resolve_model(m, catalog) for m in models]
+    refs = runner.with_steps([runner.resolve_model(m, catalog) for m in models], steps)
     a, target = runner.pair_alpha(refs, alpha, to)
     the_task = get_task(task, [r.path for r in refs]).head(n)
     sampling = check_sampling(Sampling(

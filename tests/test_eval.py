@@ -19,8 +19,7 @@ from pipeline.evaluation.runner import (
     resolve_model,
 )
 from pipeline.evaluation.tasks import get_task
-
-Sampling = pytest.importorskip("pipeline.outputs.sampling").Sampling  # until branch gen is merged
+from pipeline.outputs.sampling import Sampling
 
 
 def _ckpt(run, step):
@@ -224,3 +223,17 @@ def test_exported_model_needs_its_run_named(tiny_run_fp32, tmp_path):
     assert r.exit_code == 0, r.output
     doc = json.loads((tmp_path / "o" / METRICS).read_text())
     assert doc["settings"]["models"][0]["step"] is None and doc["n_problems"] == 8
+
+
+def test_cli_pair_steps_given_for_unnamed_folders(tiny_run_fp32, tmp_path):
+    a, b = tmp_path / "early", tmp_path / "late"
+    shutil.copytree(_ckpt(tiny_run_fp32, 20), a)
+    shutil.copytree(_ckpt(tiny_run_fp32, 30), b)
+    task = ["--task", f"heldout:{tiny_run_fp32}", "-k", "1", "--n", "3", "--temperature", "0"]
+    r = _cli(a, b, "--to", "40", *task)
+    assert r.exit_code == 2 and "--to needs the steps of both models" in r.output
+    r = _cli(a, b, "--steps", "30", "20", "--to", "40", *task)
+    assert r.exit_code == 2 and "early model first" in r.output
+    r = _cli(a, b, "--steps", "20", "30", "--to", "40", *task, "--out", tmp_path / "o")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "o" / SETTINGS).read_text())["alpha"] == 2.0

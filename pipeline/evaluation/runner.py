@@ -91,6 +91,17 @@ def resolve_model(arg: str, catalog: Path | None = None) -> ModelRef:
     return ModelRef(found[step], step)
 
 
+def with_steps(models: list[ModelRef], steps: Sequence[int] | None) -> list[ModelRef]:
+    """The pair with its steps given explicitly (``--steps A B``) instead of from names."""
+    if steps is None:
+        return models
+    if len(models) != 2:
+        raise PipelineError("--steps A B is for a pair of models (early late)")
+    for s in steps:
+        check_int(s, "--steps", 0)
+    return [ModelRef(m.path, int(s)) for m, s in zip(models, steps, strict=True)]
+
+
 def pair_alpha(models: Sequence[ModelRef], alpha: float | None, to: float | None
                ) -> tuple[float, float | None]:
     """(alpha, target step) of what is evaluated: Eq. 1's alpha from ``--to`` and the steps.
