@@ -76,8 +76,10 @@ def test_resume_after_a_crash_gives_the_uninterrupted_results(tiny_run_fp32, tmp
                       key=lambda r: (r["prompt_index"], r["sample"]))
 
     assert recs(part) == recs(tmp_path / "full")
-    # a finished folder re-scores without generating anything
-    again = evaluate(models, task, 4, sampling, out=part, progress=False)
+    # a finished folder re-scores without generating anything, also from a moved model
+    moved = tmp_path / "moved"
+    shutil.copytree(folder, moved)
+    again = evaluate([ModelRef(moved, 40)], task, 4, sampling, out=part, progress=False)
     assert again.generated == 0 and again.summary == resumed.summary
 
 

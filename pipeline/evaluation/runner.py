@@ -190,9 +190,15 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
+# where things were, not what they are: a moved model or problems file is the same input
+# (the weights fingerprint and the task fingerprint say what they are)
+INFORMATIONAL = re.compile(r"models\.\d+\.path|task")
+
+
 def settings_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """``key: old there, new now`` for every differing setting (nested keys dotted)."""
-    a, b = _flat(old), _flat(new)
+    a, b = ({k: v for k, v in _flat(d).items() if not INFORMATIONAL.fullmatch(k)}
+            for d in (old, new))
     keys = sorted(set(a) | set(b), key=lambda key: (key not in b, key))
     return [f"{key}: {a.get(key)!r} there, {b.get(key)!r} now" for key in keys
             if a.get(key) != b.get(key)]

@@ -45,8 +45,11 @@ class EvalTask:
 
     @property
     def fingerprint(self) -> str:
-        """Hash of every (id, prompt, answer): an edited problems file is a different task."""
-        h = hashlib.sha256()
+        """Hash of the grader's kind and every (id, prompt, answer).
+
+        An edited problems file is another task; the same file moved is not.
+        """
+        h = hashlib.sha256(self.spec.partition(":")[0].encode())
         for p in self.problems:
             h.update(json.dumps([p.id, p.prompt, p.answer]).encode())
         return h.hexdigest()
