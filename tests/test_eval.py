@@ -179,6 +179,8 @@ def test_cli_eval_checkpoint_and_pair(tiny_run_fp32, tmp_path):
     (["--n", "0"], "--n must be >= 1"),
     (["--alpha", "2"], "need two models"),
     (["--temperature", "nan"], "--temperature must be a finite number"),
+    (["--device", "gpu0"], "--device 'gpu0' is not a torch device"),
+    (["--dtype", "int8"], "unknown dtype 'int8'"),
 ])
 def test_cli_eval_bad_input_is_one_line(tiny_run_fp32, tmp_path, args, match):
     r = _cli(_ckpt(tiny_run_fp32, 40), "--task", "heldout", *args, "--out", tmp_path / "o")
@@ -239,3 +241,10 @@ def test_cli_pair_steps_given_for_unnamed_folders(tiny_run_fp32, tmp_path):
     r = _cli(a, b, "--steps", "20", "30", "--to", "40", *task, "--out", tmp_path / "o")
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "o" / SETTINGS).read_text())["alpha"] == 2.0
+
+
+def test_cli_eval_refuses_an_output_inside_a_model(tiny_run_fp32):
+    ckpt = _ckpt(tiny_run_fp32, 40)
+    r = _cli(ckpt, "--task", "heldout", "--out", ckpt / "results")
+    assert r.exit_code == 2 and "is inside a model folder" in r.output
+    assert not (ckpt / "results").exists()

@@ -361,6 +361,22 @@ def decode_rows(models: Sequence[Any], prompts: Sequence[str], sampling: Any, al
     return run
 
 
+def check_device(device: str) -> None:
+    """Refuse a device torch cannot parse or does not have, before any file is written."""
+    import torch
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise PipelineError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, "
+                            "cuda:1)") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"--device {device}: no CUDA device is available here")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise PipelineError(f"--device {device}: only {torch.cuda.device_count()} CUDA "
+                            "device(s) here")
+
+
 def evaluate(models: Sequence[ModelRef], task: EvalTask, k: int, sampling: Any,
              alpha: float = 1.0, target: float | None = None, out: Path | None = None,
              device: str = "cpu", dtype: str = "auto", batch_size: int = 32,
@@ -372,6 +388,7 @@ def evaluate(models: Sequence[ModelRef], task: EvalTask, k: int, sampling: Any,
     check_int(k, "-k", 1)
     check_int(batch_size, "--batch-size", 1)
     check_sampling(sampling)
+    check_device(device)
     if len(models) not in (1, 2):
         raise PipelineError(f"evaluate takes one model or two (early, late), got {len(models)}")
     settings = eval_settings(models, alpha, target, task, k, sampling, dtype)
