@@ -117,12 +117,48 @@ def build_table(run_dir: Path, out: Path, task: Any, targets: list[int], k: int,
     return rows
 
 
-def markdown(rows: list[Row], k: int, title: str) -> str:
-    head = f"| target | model | steps used | avg@{k} [95% CI] | pass@{k} [95% CI] |"
-    lines = [f"### {title}", "", head, "|---|---|---|---|---|"]
+def paired_deltas(rows: list[Row], k: int) -> list[Any]:
+    """Each row's avg@k minus its target's reference, with a paired bootstrap CI.
+
+    The reference is the real checkpoint at the target when the run has one,
+    else the checkpoint t1 the extrapolations start from. Both rows score the
+    same problems, so resampling problems for the difference cancels most of
+    the problem-to-problem spread that the separate intervals carry.
+    """
+    import numpy as np
+
+    from pipeline.evaluation.metrics import bootstrap_mean
+
+    def per_problem(r: Row) -> np.ndarray:
+        return np.array([p[f"avg@{k}"] for p in r.result["per_problem"]])
+
+    refs: dict[int, Row] = {}
     for r in rows:
-        lines.append(f"| {r.target} | {r.label} | {', '.join(map(str, r.steps))} | "
-                     f"{_fmt(r.metric(f'avg@{k}'))} | {_fmt(r.metric(f'pass@{k}'))} |")
+        if r.kind == "real" or (r.kind == "start (t1)" and r.target not in refs):
+            refs[r.target] = r
+    return [None if refs[r.target] is r else
+            bootstrap_mean(per_problem(r) - per_problem(refs[r.target])) for r in rows]
+
+
+def _delta(e: Any) -> str:
+    return "reference" if e is None else f"{e.value:+.3f} [{e.low:+.3f}, {e.high:+.3f}]"
+
+
+def table_rows(rows: list[Row], k: int) -> list[list[str]]:
+    return [[str(r.target), r.label, ",".join(map(str, r.steps)), _fmt(r.metric(f"avg@{k}")),
+             _delta(d), _fmt(r.metric(f"pass@{k}"))]
+            for r, d in zip(rows, paired_deltas(rows, k), strict=True)]
+
+
+def columns(k: int) -> list[str]:
+    return ["target", "model", "steps used", f"avg@{k} [95% CI]",
+            f"avg@{k} - reference [paired 95% CI]", f"pass@{k} [95% CI]"]
+
+
+def markdown(rows: list[Row], k: int, title: str) -> str:
+    cols = columns(k)
+    lines = [f"### {title}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(rows, k)]
     return "\n".join(lines) + "\n"
 
 
@@ -159,19 +195,16 @@ def main(argv: list[str] | None = None) -> None:
     k = args.k
     n_problems = rows[0].result["n_problems"]
     title = (f"{run_dir}: held-out problems n={n_problems}, k={k}, T={args.temperature:g}, "
-             f"top-p={args.top_p:g}, seed {args.seed}; bootstrap 95% CI over problems")
-    print_table(title, ["target", "model", "steps", f"avg@{k}", "CI", f"pass@{k}", "CI"],
-                [(r.target, r.label, ",".join(map(str, r.steps)),
-                  r.metric(f"avg@{k}")["value"],
-                  f"{r.metric(f'avg@{k}')['ci_low']:.3f}-{r.metric(f'avg@{k}')['ci_high']:.3f}",
-                  r.metric(f"pass@{k}")["value"],
-                  f"{r.metric(f'pass@{k}')['ci_low']:.3f}-{r.metric(f'pass@{k}')['ci_high']:.3f}")
-                 for r in rows])
+             f"top-p={args.top_p:g}, seed {args.seed}; bootstrap 95% CIs over problems; "
+             "reference: the real checkpoint at the target, else t1")
+    print_table(title, columns(k), table_rows(rows, k))
     doc = {"run": str(run_dir), "k": k, "options": vars(args) | {"out": str(args.out)},
            "seconds": time.perf_counter() - t,
            "rows": [{"target": r.target, "kind": r.kind, "label": r.label,
                      "steps": list(r.steps), "alpha": r.alpha, "seconds": r.seconds,
-                     "overall": r.result["overall"]} for r in rows]}
+                     "overall": r.result["overall"],
+                     "avg_minus_reference": None if d is None else d.as_dict()}
+                    for r, d in zip(rows, paired_deltas(rows, k), strict=True)]}
     write_atomic(args.out / "output_table.json", (json.dumps(doc, indent=1) + "\n").encode())
     write_atomic(args.out / "output_table.md", markdown(rows, k, title).encode())
     print(f"wrote {args.out / 'output_table.json'} and {args.out / 'output_table.md'}")
