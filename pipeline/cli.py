@@ -786,7 +786,7 @@ def eval_cmd(
     torch_dtype(dtype)
     refs = runner.with_steps([runner.resolve_model(m, catalog) for m in models], steps)
     a, target = runner.pair_alpha(refs, alpha, to)
-    the_task = get_task(task, [r.path for r in refs]).head(n)
+    the_task = get_task(task, [r.path for r in refs], catalog).head(n)
     sampling = check_sampling(Sampling(
         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop or ()),
         max_new_tokens=the_task.max_new_tokens if max_new_tokens is None else max_new_tokens))

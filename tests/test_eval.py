@@ -248,3 +248,16 @@ def test_cli_eval_refuses_an_output_inside_a_model(tiny_run_fp32):
     r = _cli(ckpt, "--task", "heldout", "--out", ckpt / "results")
     assert r.exit_code == 2 and "is inside a model folder" in r.output
     assert not (ckpt / "results").exists()
+
+
+def test_cli_eval_catalog_names(tiny_run_fp32, tmp_path):
+    cat = tmp_path / "catalog.yaml"
+    cat.write_text(f"runs:\n  tiny:\n    checkpoints: {tiny_run_fp32}\n"
+                   f"    store: {tmp_path / 's.zarr'}\n    outputs: {tmp_path / 'o'}\n")
+    r = _cli("tiny@40", "--task", "heldout:tiny", "--catalog", cat, "-k", "1", "--n", "4",
+             "--temperature", "0", "--out", tmp_path / "res")
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "res" / SETTINGS).read_text())
+    assert s["task"] == f"heldout:{tiny_run_fp32.resolve()}" and s["models"][0]["step"] == 40
+    r = _cli("nope@40", "--catalog", cat)
+    assert r.exit_code == 2 and "no run named 'nope'" in r.output

@@ -424,9 +424,10 @@ def print_result(res: EvalResult) -> None:
     how = "greedy" if samp["temperature"] == 0 else (
         f"T={samp['temperature']:g}, top-p={samp['top_p']:g}"
         + (f", top-k={samp['top_k']}" if samp["top_k"] else "") + f", seed {samp['seed']}")
-    title = (f"{describe(st)} on {st['task']}: {len(s.ids)} problems x k={s.k} ({how}); "
-             f"{int(s.level * 100)}% bootstrap CI over problems")
-    print_table(title, ["metric", "value", "ci low", "ci high"],
+    console.print(f"[bold]{describe(st)}[/] on {st['task']}: {len(s.ids)} problems x k={s.k} "
+                  f"({how})")
+    print_table(f"{int(s.level * 100)}% bootstrap CIs over problems",
+                ["metric", "value", "ci low", "ci high"],
                 [(name, e.value, e.low, e.high) for name, e in s.overall.items()])
     if res.out is not None:
         console.print(f"{res.generated} samples generated, {res.reused} reused; "

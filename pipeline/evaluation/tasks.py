@@ -83,12 +83,13 @@ def _exact_match(text: str, problem: EvalProblem) -> bool:
     return exact_match_reward([text], [problem.answer])[0] == 1.0
 
 
-def heldout_task(arg: str | None, models: Sequence[Path]) -> EvalTask:
+def heldout_task(arg: str | None, models: Sequence[Path], catalog: Path | None = None
+                 ) -> EvalTask:
     from pipeline.catalog import resolve
     from pipeline.extrapolate.alpha_sweep import heldout_problems
 
     if arg:
-        run_dir = resolve(arg).checkpoints
+        run_dir = resolve(arg, catalog).checkpoints
     else:
         found = {find_run_dir(m) for m in models}
         if len(found) != 1 or None in found:
@@ -146,7 +147,8 @@ def math_verify_grade(text: str, problem: EvalProblem) -> bool:
     return bool(pred) and bool(verify(_parse(problem.answer), pred))
 
 
-def math_jsonl_task(arg: str | None, models: Sequence[Path]) -> EvalTask:
+def math_jsonl_task(arg: str | None, models: Sequence[Path], catalog: Path | None = None
+                    ) -> EvalTask:
     from pipeline.outputs.records import iter_jsonl
 
     if not arg:
@@ -174,7 +176,7 @@ class TaskKind:
     name: str
     syntax: str
     summary: str
-    build: Callable[[str | None, Sequence[Path]], EvalTask]
+    build: Callable[[str | None, Sequence[Path], Path | None], EvalTask]  # arg, models, catalog
 
 
 TASK_KINDS: dict[str, TaskKind] = {k.name: k for k in [
@@ -191,10 +193,10 @@ def tasks_help() -> str:
     return "; ".join(f"{k.syntax}: {k.summary}" for k in TASK_KINDS.values())
 
 
-def get_task(spec: str, models: Sequence[Path] = ()) -> EvalTask:
-    """Build the task ``KIND[:ARG]``; ``models`` lets ``heldout`` find its run."""
+def get_task(spec: str, models: Sequence[Path] = (), catalog: Path | None = None) -> EvalTask:
+    """Build ``KIND[:ARG]``; ``heldout`` finds its run from ``models`` or a name in ``catalog``."""
     kind, _, arg = spec.partition(":")
     if kind not in TASK_KINDS:
         raise PipelineError(f"unknown --task {spec!r} (known: "
                             f"{', '.join(k.syntax for k in TASK_KINDS.values())})")
-    return TASK_KINDS[kind].build(arg or None, [Path(m) for m in models])
+    return TASK_KINDS[kind].build(arg or None, [Path(m) for m in models], catalog)
