@@ -29,9 +29,12 @@ from pipeline.outputs.models import LoadedModel, load_model  # noqa: E402
 
 
 def build_pair(folder: Path, hidden: int, layers: int, context: int) -> tuple[Path, Path]:
+    import transformers
+
     from pipeline.rl.char_tokenizer import build_char_tokenizer
     from pipeline.rl.tiny_model import ModelSize, build_model
 
+    transformers.utils.logging.disable_progress_bar()
     tok = build_char_tokenizer()
     size = ModelSize(hidden, layers, 4 * hidden, max(1, hidden // 64), max(1, hidden // 192))
     out = []
@@ -52,12 +55,23 @@ def no_eos(m: LoadedModel) -> LoadedModel:
     return m
 
 
-def timed(fn, repeats: int) -> float:
-    best = float("inf")
+def clock(device: str) -> float:
+    """Process CPU time on the CPU (other jobs on a shared machine do not inflate it),
+    wall time after a synchronize on a GPU."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        return time.perf_counter()
+    return time.process_time()
+
+
+def timed(fns: dict[str, object], repeats: int, device: str) -> dict[str, float]:
+    """Best time of each function, the runs interleaved so drifting load hits all alike."""
+    best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
+        for name, fn in fns.items():
+            t0 = clock(device)
+            fn()
+            best[name] = min(best[name], clock(device) - t0)
     return best
 
 
@@ -98,9 +112,6 @@ def main() -> None:
 
         tokens = run([late])
         assert tokens == run([early, late]) == args.prompts * args.k * args.max_new_tokens
-        t_one = timed(lambda: run([late]), args.repeats)
-        t_two = timed(lambda: run([early, late]), args.repeats)
-
         tok = late.tokenizer
         enc = tok(prompts, return_tensors="pt", padding=True).to(args.device)
 
@@ -112,11 +123,14 @@ def main() -> None:
                                     min_new_tokens=args.max_new_tokens,
                                     pad_token_id=tok.pad_token_id)
 
-        t_hf = timed(hf, args.repeats)
+        t = timed({"one": lambda: run([late]), "two": lambda: run([early, late]), "hf": hf},
+                  args.repeats, args.device)
+        t_one, t_two, t_hf = t["one"], t["two"], t["hf"]
 
     print(f"model: {n_params / 1e6:.2f}M parameters ({'given' if args.early else 'random init'}), "
           f"{args.prompts} prompts x k={args.k} x {args.max_new_tokens} new tokens, batch "
-          f"{args.batch_size}, {args.device}, torch threads {torch.get_num_threads()}")
+          f"{args.batch_size}, {args.device}, torch threads {torch.get_num_threads()}, "
+          f"{'CPU' if args.device == 'cpu' else 'wall'} seconds, best of {args.repeats}")
     print(f"one model (decode):            {t_one:7.3f} s  {tokens / t_one:9.1f} tokens/s")
     print(f"one model (transformers):      {t_hf:7.3f} s  {tokens / t_hf:9.1f} tokens/s")
     print(f"logits extrapolation (2 models): {t_two:5.3f} s  {tokens / t_two:9.1f} tokens/s")

@@ -684,7 +684,7 @@ def generate_cmd(
          " / ".join(str(rep.finish[f]) for f in ("eos", "stop", "length"))),
         ("new tokens", rep.new_tokens),
         ("tokens/s", f"{rep.new_tokens / max(rep.seconds, 1e-9):.1f}"),
-        ("seconds", f"{rep.seconds:.1f}"),
+        ("seconds", f"{rep.seconds:.2f}"),
     ])
 
 
@@ -720,7 +720,7 @@ def probes_cmd(
         ("probes", rep.completions),
         ("finished by eos / length", f"{rep.finish['eos']} / {rep.finish['length']}"),
         ("response tokens", rep.new_tokens),
-        ("seconds", f"{rep.seconds:.1f}"),
+        ("seconds", f"{rep.seconds:.2f}"),
     ])
 
 

@@ -54,10 +54,11 @@ def hf_greedy(m, prompts, max_new_tokens, **kw) -> list[list[int]]:
     enc = tok(prompts, return_tensors="pt", padding=True)
     out = m.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw)
-    rows = []
-    for r in out[:, enc.input_ids.shape[1]:].tolist():
-        rows.append(r[:r.index(tok.eos_token_id)] if tok.eos_token_id in r else r)
-    return rows
+    return until_eos(out[:, enc.input_ids.shape[1]:], tok.eos_token_id)
+
+
+def until_eos(new_ids: torch.Tensor, eos: int) -> list[list[int]]:
+    return [r[:r.index(eos)] if eos in r else r for r in new_ids.tolist()]
 
 
 def ids(cs: list[Completion]) -> list[list[int]]:
@@ -148,8 +149,7 @@ def test_processor_matches_cfg_guidance_and_decode(pair):
     got = list(decode([early, late], prompts, 1, Sampling(temperature=0.0, max_new_tokens=5),
                       alpha=alpha))
     n = enc.input_ids.shape[1]
-    eos = late.tokenizer.eos_token_id
-    want = [r[:r.index(eos)] if eos in r else r for r in ours.sequences[:, n:].tolist()]
+    want = until_eos(ours.sequences[:, n:], late.tokenizer.eos_token_id)
     assert ids(got) == want
     own = late.model.generate(**enc, **kw)  # alpha 1.5 really moves the scores: not vacuous
     assert (own.scores[0].log_softmax(-1) - ours.scores[0].log_softmax(-1)).abs().max() > 1e-2
@@ -304,6 +304,9 @@ def test_generate_command_writes_decode_output(pair, tiny_run_linear, prompts_fi
     (["--alpha", "2", "--temperature", "-1"], "--temperature must be >= 0"),
     (["--alpha", "2", "--max-new-tokens", "59"], "exceeds the model's context of 64"),
     (["--alpha", "nan"], "--alpha must be a finite number"),
+    (["--alpha", "2", "--dtype", "float8"], "unknown dtype 'float8'"),
+    (["--alpha", "2", "--device", "tpu"], "unknown --device 'tpu'"),
+    (["--alpha", "2", "--stop", ""], "--stop must be non-empty strings"),
 ])
 def test_generate_bad_input_is_one_line_and_writes_nothing(tiny_run_linear, prompts_file,
                                                            tmp_path, args, needle):
@@ -336,3 +339,75 @@ def test_generate_refuses_a_bad_prompts_file_and_other_vocabularies(tiny_run_lin
     r = cli("--late", late, "--prompts", str(bad), "--out", str(bad))
     assert r.exit_code == 2 and "choose another --out" in r.output
     assert not (tmp_path / "o.jsonl").exists() and bad.read_text() == '{"prompt": "1+1="}\n'
+
+
+def test_dropping_finished_rows_changes_nothing(pair, monkeypatch):
+    """Compacting the caches (rows done at different steps) = decoding every row to the end."""
+    import pipeline.outputs.generate as gen
+
+    early, late = pair
+    s = replace(SAMPLED, temperature=1.5, max_new_tokens=8)
+    compacted = list(decode([early, late], PROMPTS, 3, s, alpha=1.5, batch_size=7))
+    monkeypatch.setattr(gen, "COMPACT_FRACTION", 2.0)  # never compact
+    assert list(decode([early, late], PROMPTS, 3, s, alpha=1.5, batch_size=7)) == compacted
+    assert len({len(c.token_ids) for c in compacted}) > 1  # rows did finish at different steps
+
+
+def test_processor_restarts_on_a_new_generate_call(pair):
+    """One processor object reused across generate calls (new prompt, one token longer)."""
+    early, late = pair
+    proc = LogitsExtrapolation(early, 1.5)
+    kw = dict(max_new_tokens=1, do_sample=False, pad_token_id=late.tokenizer.pad_token_id)
+    first = late.tokenizer(["12+34="], return_tensors="pt")
+    late.model.generate(**first, logits_processor=[proc], **kw)
+    second = late.tokenizer(["1+2+34="], return_tensors="pt")  # one longer, not a continuation
+    fresh = late.model.generate(**second, logits_processor=[LogitsExtrapolation(early, 1.5)],
+                                output_scores=True, return_dict_in_generate=True, **kw)
+    reused = late.model.generate(**second, logits_processor=[proc], output_scores=True,
+                                 return_dict_in_generate=True, **kw)
+    assert torch.equal(fresh.scores[0], reused.scores[0])
+
+
+def test_processor_list_samples_after_the_mix(pair):
+    """The documented sampled use: the warpers run after the mix (top-k 1 = greedy mix)."""
+    early, late = pair
+    enc = late.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    procs = extrapolation_processors(early, 1.5, Sampling(temperature=0.7, top_k=1),
+                                     attention_mask=enc.attention_mask)
+    tok = late.tokenizer
+    out = late.model.generate(**enc, logits_processor=procs, do_sample=True, temperature=1.0,
+                              top_p=1.0, top_k=0, max_new_tokens=6,
+                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    sampled = until_eos(out[:, enc.input_ids.shape[1]:], tok.eos_token_id)
+    greedy = decode([early, late], PROMPTS, 1, Sampling(temperature=0.0, max_new_tokens=6),
+                    alpha=1.5)
+    assert sampled == ids(greedy)
+
+
+def test_bf16_checkpoints_keep_both_guarantees(tiny_run_bf16):
+    """bf16 logits are mixed in float32: greedy = transformers, alpha 1 = the late model."""
+    early = load_model(tiny_run_bf16 / "global_step_0")
+    late = load_model(tiny_run_bf16 / "global_step_100")
+    assert next(late.model.parameters()).dtype == torch.bfloat16
+    greedy = Sampling(temperature=0.0, max_new_tokens=6)
+    assert ids(decode([late], PROMPTS, 1, greedy, batch_size=3)) == hf_greedy(late, PROMPTS, 6)
+    s = replace(SAMPLED, temperature=1.5)
+    assert list(decode([early, late], PROMPTS, 2, s, alpha=1.0)) == \
+        list(decode([late], PROMPTS, 2, s))
+
+
+def test_sampled_first_tokens_follow_the_mixed_distribution(pair):
+    """Frequencies of k draws = softmax of the mix from plain forward passes (no cache)."""
+    early, late = pair
+    prompt, n, alpha = "47+56=", 4000, 1.5
+    s = Sampling(temperature=3.0, max_new_tokens=1, seed=11)
+    got = list(decode([early, late], [prompt], n, s, alpha=alpha, batch_size=n))
+    eos = late.tokenizer.eos_token_id
+    first = torch.tensor([c.token_ids[0] if c.token_ids else eos for c in got])
+    x = torch.tensor([late.tokenizer(prompt)["input_ids"]])
+    with torch.no_grad():
+        za, zb = early.model(x).logits[0, -1], late.model(x).logits[0, -1]
+    p = ((za + alpha * (zb - za)) / 3.0).double().softmax(-1)
+    freq = torch.bincount(first, minlength=p.numel()).double() / n
+    assert (p > 0.02).sum() >= 2  # a spread distribution, or the check says little
+    assert torch.allclose(freq, p, atol=4 * (0.25 / n) ** 0.5)

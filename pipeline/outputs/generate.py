@@ -98,18 +98,22 @@ def _check_models(models: Sequence[LoadedModel], alpha: float) -> None:
                                 f"{_device(b)})", b.path)
 
 
-def _tokenize(m: LoadedModel, prompts: Sequence[str], max_new_tokens: int) -> list[list[int]]:
-    """Each prompt's ids, refused when empty or too long for the context with the new tokens."""
+def _tokenize(models: Sequence[LoadedModel], prompts: Sequence[str], max_new_tokens: int
+              ) -> list[list[int]]:
+    """Each prompt's ids (the late model's tokenizer, as its users call it), refused when
+    empty or too long, with the new tokens, for either model's context."""
+    tok = models[-1].tokenizer
+    limits = [(m.max_positions, m.path) for m in models if m.max_positions is not None]
     out = []
-    limit = m.max_positions
     for i, text in enumerate(prompts):
-        ids = list(m.tokenizer(text, add_special_tokens=True)["input_ids"])
+        ids = list(tok(text, add_special_tokens=True)["input_ids"])
         if not ids:
             raise PipelineError(f"prompt {i} has no tokens")
-        if limit is not None and len(ids) + max_new_tokens > limit:
-            raise PipelineError(f"prompt {i} has {len(ids)} tokens; with --max-new-tokens "
-                                f"{max_new_tokens} that exceeds the model's context of "
-                                f"{limit} positions", m.path)
+        for limit, path in limits:
+            if len(ids) + max_new_tokens > limit:
+                raise PipelineError(f"prompt {i} has {len(ids)} tokens; with --max-new-tokens "
+                                    f"{max_new_tokens} that exceeds the model's context of "
+                                    f"{limit} positions", path)
         out.append(ids)
     return out
 
@@ -250,9 +254,7 @@ def decode(models: Sequence[LoadedModel], prompts: Sequence[str], k: int, sampli
     check_int(k, "-k", 1)
     check_int(batch_size, "--batch-size", 1)
     _check_models(models, alpha)
-    prompt_ids = _tokenize(models[0], prompts, sampling.max_new_tokens)
-    if len(models) == 2:
-        _tokenize(models[1], prompts, sampling.max_new_tokens)  # its context may be shorter
+    prompt_ids = _tokenize(models, prompts, sampling.max_new_tokens)
     return _decode(models, prompt_ids, k, sampling, alpha, batch_size, progress)
 
 
@@ -290,7 +292,7 @@ class LogitsExtrapolation:
         self.alpha = check_number(alpha, "alpha")
         self.prompt_mask = attention_mask
         self._stepper: _Stepper | None = None
-        self._seen = 0
+        self._ids: torch.Tensor | None = None  # the prefix the early model has seen
         self._mask: torch.Tensor | None = None
         self._last: torch.Tensor | None = None
 
@@ -305,21 +307,21 @@ class LogitsExtrapolation:
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        n = input_ids.shape[1]
-        st = self._stepper
-        if st is None or self._mask is None or self._mask.shape[0] != input_ids.shape[0] \
-                or n != self._seen + 1:  # a new generate call: prefill the whole prefix
+        st, seen = self._stepper, self._ids
+        if st is None or seen is None or seen.shape[0] != input_ids.shape[0] \
+                or seen.shape[1] + 1 != input_ids.shape[1] \
+                or not torch.equal(seen, input_ids[:, :-1]):  # a new call: prefill it all
             st = self._stepper = _Stepper(self.model)
             self._mask = self._start_mask(input_ids)
             pos = _positions(self._mask)
             z = st.forward(input_ids, self._mask, pos)
             self._last = pos[:, -1]
         else:
-            assert self._last is not None
+            assert self._last is not None and self._mask is not None
             self._mask = torch.cat([self._mask, torch.ones_like(input_ids[:, -1:])], dim=1)
             self._last = self._last + 1
             z = st.forward(input_ids[:, -1:], self._mask, self._last[:, None])
-        self._seen = n
+        self._ids = input_ids
         return mix_logits(z, scores, self.alpha).to(scores.dtype)
 
 
