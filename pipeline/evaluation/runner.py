@@ -348,9 +348,7 @@ def decode_rows(models: Sequence[Any], prompts: Sequence[str], sampling: Any, al
     G.check_sampling(sampling)
     check_int(batch_size, "--batch-size", 1)
     G._check_models(models, alpha)
-    prompt_ids = G._tokenize(models[0], prompts, sampling.max_new_tokens)
-    if len(models) == 2:
-        G._tokenize(models[1], prompts, sampling.max_new_tokens)  # its context may be shorter
+    prompt_ids = G._tokenize(models, prompts, sampling.max_new_tokens)
 
     def run(rows: Sequence[Row]) -> Iterator[Any]:
         with torch.inference_mode():
