@@ -179,7 +179,7 @@ def test_cli_eval_checkpoint_and_pair(tiny_run_fp32, tmp_path):
     (["--n", "0"], "--n must be >= 1"),
     (["--alpha", "2"], "need two models"),
     (["--temperature", "nan"], "--temperature must be a finite number"),
-    (["--device", "gpu0"], "--device 'gpu0' is not a torch device"),
+    (["--device", "gpu0"], "unknown --device 'gpu0'"),
     (["--dtype", "int8"], "unknown dtype 'int8'"),
 ])
 def test_cli_eval_bad_input_is_one_line(tiny_run_fp32, tmp_path, args, match):

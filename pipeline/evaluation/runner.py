@@ -359,27 +359,12 @@ def decode_rows(models: Sequence[Any], prompts: Sequence[str], sampling: Any, al
     return run
 
 
-def check_device(device: str) -> None:
-    """Refuse a device torch cannot parse or does not have, before any file is written."""
-    import torch
-
-    try:
-        d = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise PipelineError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, "
-                            "cuda:1)") from None
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError(f"--device {device}: no CUDA device is available here")
-    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
-        raise PipelineError(f"--device {device}: only {torch.cuda.device_count()} CUDA "
-                            "device(s) here")
-
-
 def evaluate(models: Sequence[ModelRef], task: EvalTask, k: int, sampling: Any,
              alpha: float = 1.0, target: float | None = None, out: Path | None = None,
              device: str = "cpu", dtype: str = "auto", batch_size: int = 32,
              n_boot: int = 1000, boot_seed: int = 0, progress: bool = True) -> EvalResult:
     """Evaluate one model (its own decoding) or an (early, late) pair mixed at ``alpha``."""
+    from pipeline.outputs.generate import check_device
     from pipeline.outputs.models import load_model
     from pipeline.outputs.sampling import check_sampling
 
