@@ -724,6 +724,80 @@ def probes_cmd(
     ])
 
 
+def _eval_tasks_help() -> str:
+    from pipeline.evaluation.tasks import tasks_help  # the task registry names the choices
+
+    return tasks_help()
+
+
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    models: Annotated[
+        list[str],
+        typer.Argument(help="a model folder (checkpoint or exported) or RUN@STEP (run directory "
+                       "or catalog name at a step); two of them, early then late, decode by "
+                       "logits extrapolation (with --alpha or --to)"),
+    ],
+    task: Annotated[
+        str, typer.Option(help="what to evaluate on: " + _eval_tasks_help())
+    ] = "heldout",
+    k: Annotated[int, typer.Option("-k", "--k", help="samples per problem")] = 1,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="results folder (settings.json, samples.jsonl, metrics.json); "
+                     "a re-run with the same settings resumes"),
+    ] = None,
+    alpha: Annotated[
+        float | None, typer.Option(help="pair: z = z_early + alpha (z_late - z_early)")
+    ] = None,
+    to: Annotated[
+        float | None, typer.Option(help="pair: target step (alpha from the two models' steps)")
+    ] = None,
+    steps: Annotated[
+        tuple[int, int] | None,
+        typer.Option(help="pair: training steps A B of the two models (default: from RUN@STEP "
+                     "or the folder names)"),
+    ] = None,
+    temperature: Annotated[float, typer.Option(help="0 = greedy (argmax)")] = 0.6,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling, in (0, 1]")] = 0.95,
+    top_k: Annotated[int, typer.Option(help="0 = off")] = 0,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="generation budget (default: the task's)")
+    ] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    n: Annotated[int | None, typer.Option("--n", help="only the first N problems")] = None,
+    batch_size: Annotated[int, typer.Option(help="sequences decoded together")] = 32,
+    device: Annotated[str, typer.Option(help="torch device, e.g. cpu, cuda")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16")] = "auto",
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    catalog: CatalogOpt = None,
+) -> None:
+    """avg@k and pass@k (bootstrap 95% CIs) of a checkpoint, an exported model or a logits pair."""
+    from pipeline.evaluation import runner
+    from pipeline.evaluation.tasks import get_task
+    from pipeline.outputs.models import torch_dtype
+    from pipeline.outputs.sampling import Sampling, check_sampling
+
+    check_int(k, "-k", 1)
+    if n is not None:
+        check_int(n, "--n", 1)
+    torch_dtype(dtype)
+    refs = runner.with_steps([runner.resolve_model(m, catalog) for m in models], steps)
+    a, target = runner.pair_alpha(refs, alpha, to)
+    the_task = get_task(task, [r.path for r in refs], catalog).head(n)
+    sampling = check_sampling(Sampling(
+        temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop or ()),
+        max_new_tokens=the_task.max_new_tokens if max_new_tokens is None else max_new_tokens))
+    if out is not None:
+        writing(out)
+        check_output(out, [("a model folder", r.path) for r in refs], writes=runner.WRITES)
+    res = runner.evaluate(refs, the_task, k, sampling, alpha=a, target=target, out=out,
+                          device=device, dtype=dtype, batch_size=batch_size, progress=progress)
+    runner.print_result(res)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app(prog_name="rlvr-lin")
 
