@@ -128,6 +128,8 @@ def test_plan_batches_packs_by_length_within_the_budget():
         for b in batches:
             assert b.length == max(lengths[i] for i in b.members)
             assert len(b.members) == 1 or len(b.members) * b.length <= budget
+            assert min(lengths[i] for i in b.members) >= 0.75 * b.length  # little padding
+    assert len(plan_batches([10, 9, 8, 4, 3], 10_000)) == 2  # split where lengths jump
 
 
 @pytest.mark.parametrize("vocab_chunk", [1, 3, 7, 20, 64])
@@ -137,10 +139,11 @@ def test_chunked_log_probs_equal_the_float64_reference(tiny_run_fp32, probes, re
     want_lp, want_z = references[40]
     pairs = [(p.prompt_ids, p.response_ids) for p in probes]
     lengths = [len(a) + len(b) - 1 if b else 0 for a, b in pairs]
-    for budget in (1, 40, 100_000):
-        if budget == 100_000:  # one batch mixing every length
-            assert len(plan_batches(lengths, budget)) == 1
-        lp, z = teacher_force(lm.model, pairs, batch_tokens=budget, vocab_chunk=vocab_chunk)
+    for budget, fill in ((1, 0.75), (40, 0.75), (100_000, 0.75), (100_000, 0.0)):
+        if fill == 0:  # every length in one right-padded batch
+            assert len(plan_batches(lengths, budget, fill)) == 1
+        lp, z = teacher_force(lm.model, pairs, batch_tokens=budget, vocab_chunk=vocab_chunk,
+                              min_fill=fill)
         assert lp.dtype == z.dtype == np.float32 and lp.shape == want_lp.shape
         np.testing.assert_allclose(lp, want_lp, rtol=0, atol=ATOL)
         np.testing.assert_allclose(z, want_z, rtol=1e-5, atol=ATOL)

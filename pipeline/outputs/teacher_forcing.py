@@ -33,6 +33,7 @@ from pipeline.errors import PipelineError
 
 DEFAULT_BATCH_TOKENS = 8192
 DEFAULT_VOCAB_CHUNK = 8192
+MIN_FILL = 0.75  # a batch's shortest sequence is at least this fraction of its longest
 Pair = tuple[Sequence[int], Sequence[int]]  # (prompt_ids, response_ids)
 
 
@@ -49,17 +50,23 @@ def input_length(prompt: Sequence[int], response: Sequence[int]) -> int:
     return len(prompt) + len(response) - 1
 
 
-def plan_batches(lengths: Sequence[int], batch_tokens: int) -> list[Batch]:
+def plan_batches(lengths: Sequence[int], batch_tokens: int,
+                 min_fill: float = MIN_FILL) -> list[Batch]:
     """Length-bucketed batches: longest first, packed while rows x longest <= the budget.
 
-    A sequence longer than the budget gets a batch of its own; zero-length
-    entries (probes with an empty response) are in no batch.
+    A batch also closes before a sequence shorter than ``min_fill`` of its
+    longest, so padding stays under (1 - min_fill) / min_fill of the real
+    tokens even for a few probes of very different lengths (on a CPU every
+    padded token costs as much as a real one). A sequence longer than the
+    budget gets a batch of its own; zero-length entries (probes with an
+    empty response) are in no batch.
     """
     order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: (-lengths[i], i))
     out: list[Batch] = []
     cur: list[int] = []
     for i in order:
-        if cur and (len(cur) + 1) * lengths[cur[0]] > batch_tokens:
+        if cur and ((len(cur) + 1) * lengths[cur[0]] > batch_tokens
+                    or lengths[i] < min_fill * lengths[cur[0]]):
             out.append(Batch(tuple(cur), lengths[cur[0]]))
             cur = []
         cur.append(i)
@@ -125,12 +132,13 @@ def _run_batch(model: Any, pairs: Sequence[Pair], batch: Batch, pad_id: int,
 def teacher_force(model: Any, pairs: Sequence[Pair], *,
                   batch_tokens: int = DEFAULT_BATCH_TOKENS,
                   vocab_chunk: int = DEFAULT_VOCAB_CHUNK, pad_id: int = 0,
-                  on_tokens: Callable[[int], None] | None = None,
+                  min_fill: float = MIN_FILL, on_tokens: Callable[[int], None] | None = None,
                   ) -> tuple[np.ndarray, np.ndarray]:
     """float32 (log-prob, logit) of every response token, pairs in order, tokens in order.
 
-    ``pad_id`` fills the padding (masked, so any valid id does); ``on_tokens``
-    is told how many response tokens each batch did (progress bars).
+    ``pad_id`` fills the padding (masked, so any valid id does); ``min_fill``
+    bounds padding (``plan_batches``); ``on_tokens`` is told how many
+    response tokens each batch did (progress bars).
     """
     if batch_tokens < 1 or vocab_chunk < 1:
         raise PipelineError(f"batch tokens and vocabulary chunk must be >= 1, got "
@@ -140,7 +148,7 @@ def teacher_force(model: Any, pairs: Sequence[Pair], *,
     logprob = np.empty(int(offsets[-1]), np.float32)
     logit = np.empty(int(offsets[-1]), np.float32)
     lengths = [input_length(p, r) if len(r) else 0 for p, r in pairs]
-    for batch in plan_batches(lengths, batch_tokens):
+    for batch in plan_batches(lengths, batch_tokens, min_fill):
         lp, z = _run_batch(model, pairs, batch, pad_id, vocab_chunk)
         lp, z = lp.cpu().numpy(), z.cpu().numpy()
         at = 0
