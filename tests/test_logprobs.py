@@ -164,6 +164,17 @@ def test_bf16_checkpoint_in_its_own_dtype_is_close_to_the_reference(tiny_run_bf1
     np.testing.assert_allclose(lp32, want, rtol=0, atol=ATOL)
 
 
+def test_a_tied_llama_checkpoint_equals_the_reference(tiny_run_tied, probes):
+    ck = tiny_run_tied / "global_step_40"
+    lm = load_model(ck, dtype="float32")
+    head, embed = lm.model.get_output_embeddings().weight, lm.model.get_input_embeddings().weight
+    assert head.data_ptr() == embed.data_ptr()  # the head is the embedding matrix
+    want, _ = reference(ck, probes)
+    lp, _ = teacher_force(lm.model, [(p.prompt_ids, p.response_ids) for p in probes],
+                          batch_tokens=30, vocab_chunk=11)
+    np.testing.assert_allclose(lp, want, rtol=0, atol=ATOL)
+
+
 def test_a_model_whose_logits_are_not_the_plain_head_is_refused():
     from transformers import CohereConfig, CohereForCausalLM
 
