@@ -1,6 +1,7 @@
 """Benchmark: teacher-forced tokens/s per checkpoint, ours vs the authors' way, same probes.
 
     .venv/bin/python benchmarks/logprobs.py [--probes 200] [--vocab 32000] [--threads 1]
+                                            [--device cpu|cuda] [--dtype float32|bfloat16]
 
 Builds a Qwen2 model from a config (random weights, no download: hidden 512,
 4 layers, a 32k vocabulary; the ids are random, so no tokenizer is needed)
@@ -54,10 +55,10 @@ def authors_way(model: Qwen2ForCausalLM, pairs: list) -> np.ndarray:
     """One sequence at a time, full float32 log_softmax (the authors' analysis code)."""
     out = []
     for prompt, response in pairs:
-        ids = torch.tensor([[*prompt, *response]])
+        ids = torch.tensor([[*prompt, *response]], device=model.device)
         logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
-        pos = torch.arange(len(prompt) - 1, len(prompt) + len(response) - 1)
-        out.append(logp[pos, torch.tensor(response)].numpy())
+        pos = torch.arange(len(prompt) - 1, len(prompt) + len(response) - 1, device=ids.device)
+        out.append(logp[pos, torch.tensor(response, device=ids.device)].cpu().numpy())
     return np.concatenate(out)
 
 
@@ -71,12 +72,15 @@ def main() -> None:
     ap.add_argument("--vocab-chunk", type=int, default=8192)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     size = ModelSize(hidden_size=args.hidden, num_hidden_layers=args.layers,
                      intermediate_size=args.hidden * 11 // 4, num_attention_heads=8,
                      num_key_value_heads=4)
-    model = build(args.vocab, size, max_positions=512)
+    model = build(args.vocab, size, max_positions=512).to(args.device,
+                                                           getattr(torch, args.dtype))
     pairs = make_pairs(args.probes, args.vocab)
     n_tok = sum(len(r) for _, r in pairs)
     lengths = [len(p) + len(r) - 1 for p, r in pairs]
@@ -85,7 +89,8 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.1f}M parameters, vocab {args.vocab}, hidden {args.hidden}, "
           f"{args.layers} layers; {len(pairs)} probes, {n_tok} response tokens, "
-          f"{sum(len(p) for p, _ in pairs)} prompt tokens; {args.threads} thread(s)")
+          f"{sum(len(p) for p, _ in pairs)} prompt tokens; {args.dtype} on {args.device}, "
+          f"{args.threads} CPU thread(s)")
     print(f"ours: {len(batches)} batches of <= {args.batch_tokens} padded tokens "
           f"({padded / sum(lengths) - 1:.1%} padding), vocabulary chunks of {args.vocab_chunk}")
     authors_way(model, pairs[:2])  # warm up both paths

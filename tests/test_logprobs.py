@@ -362,6 +362,23 @@ def test_cli_writes_store_fit_summary_and_panels(tiny_run_fp32, probes_file, tmp
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
+def test_cli_takes_a_catalog_name_and_writes_into_its_outputs(tiny_run_fp32, probes_file,
+                                                              tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    subset_run(tiny_run_fp32, [0, 40], tmp_path / "ckpts")
+    cat = tmp_path / "catalog.yaml"
+    cat.write_text("runs:\n  lp-mini:\n    checkpoints: ckpts\n    store: run.zarr\n"
+                   "    outputs: outputs\n")
+    r = CliRunner().invoke(app, ["logprobs", "lp-mini", "--probes", str(probes_file),
+                                 "--catalog", str(cat), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert LogprobStore(tmp_path / "outputs" / "logprobs.zarr").steps == [0, 40]
+    assert (tmp_path / "outputs" / "logprobs.fit" / SUMMARY_FILE).is_file()
+
+
 def test_example_tokens_span_the_r2_range_of_the_selected_ones():
     import pandas as pd
 
@@ -457,6 +474,11 @@ def test_cli_bad_options_are_one_line_and_write_nothing(tiny_run_fp32, probes_fi
     assert not out.exists()
 
 
-def test_an_output_inside_the_run_folder_is_refused(tiny_run_fp32, probes_file):
+def test_outputs_inside_the_inputs_are_refused(tiny_run_fp32, probes_file, store):
     with pytest.raises(PipelineError, match="is inside the run folder"):
         compute_logprobs(tiny_run_fp32, probes_file, tiny_run_fp32 / "lp.zarr", progress=False)
+    with pytest.raises(PipelineError, match="is inside the run folder.*--fit-out"):
+        fit_tokens(store, tiny_run_fp32 / "lp.fit")
+    with pytest.raises(PipelineError, match="the store"):
+        fit_tokens(store, store / "fit")
+    assert not (tiny_run_fp32 / "lp.fit").exists() and not (store / "fit").exists()

@@ -123,7 +123,8 @@ def _run_batch(model: Any, pairs: Sequence[Pair], batch: Batch, pad_id: int,
         start = r * length + len(prompt) - 1  # the row predicting response token 0
         rows.append(torch.arange(start, start + len(response)))
         targets.extend(response)
-    hidden = base(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+    hidden = base(input_ids=ids.to(device), attention_mask=mask.to(device),
+                  use_cache=False).last_hidden_state  # no KV cache: nothing is decoded
     picked = hidden.reshape(b * length, -1)[torch.cat(rows).to(device)]
     return chunked_head(picked, weight, bias, torch.as_tensor(targets, device=device),
                         vocab_chunk)
@@ -174,7 +175,7 @@ def check_head(model: Any, pair: Pair, vocab_chunk: int = DEFAULT_VOCAB_CHUNK) -
         return
     _, weight, _ = head_of(model)
     ids = torch.as_tensor([[*prompt, *response[:-1]]], device=weight.device)
-    full = model(input_ids=ids).logits[0, len(prompt) - 1:].float()
+    full = model(input_ids=ids, use_cache=False).logits[0, len(prompt) - 1:].float()
     want = full[torch.arange(len(response)), torch.as_tensor(response, device=full.device)]
     _, got = _run_batch(model, [pair], Batch((0,), ids.shape[1]), 0, vocab_chunk)
     scale = max(1.0, float(full.abs().max()))

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import PipelineError, check_number
+from pipeline.errors import PipelineError, check_number, check_output
 from pipeline.outputs.logprob_store import ARRAYS, KIND, LogprobStore
 
 DEFAULT_MIN_CHANGE = 0.2  # the authors' filter: |logp(last) - logp(first)| > 0.2
@@ -102,7 +102,7 @@ def fit_tokens(store: str | Path, out: str | Path | None = None, *,
     ``executor`` is the fit's (``serial`` by default: a token store is small,
     and a Dask cluster would take longer to start than the fit takes).
     """
-    from pipeline.fit import fit_store
+    from pipeline.fit import fit_dir_for, fit_store
     from pipeline.steps.store import StepStoreRef
 
     min_change = check_number(min_change, "--min-change", 0.0)
@@ -111,7 +111,11 @@ def fit_tokens(store: str | Path, out: str | Path | None = None, *,
     if len(lps.steps) < 2:
         raise PipelineError(f"a token fit needs at least 2 checkpoints; the store has "
                             f"{lps.steps}", store)
-    rep = fit_store(store, out, source=StepStoreRef(str(store), KIND), executor=executor,
+    fit_dir = Path(out) if out is not None else fit_dir_for(store)
+    check_output(fit_dir, [("the run folder", Path(lps.attrs.get("run_dir", store))),
+                           ("the probes file", Path(lps.attrs.get("probes_file", store)))],
+                 option="--fit-out")  # the fit itself refuses the store
+    rep = fit_store(store, fit_dir, source=StepStoreRef(str(store), KIND), executor=executor,
                     progress=progress)
     table = token_table(store, rep.fit_dir, min_change)
     summary = summarize(table, min_change)
