@@ -482,3 +482,24 @@ def test_outputs_inside_the_inputs_are_refused(tiny_run_fp32, probes_file, store
     with pytest.raises(PipelineError, match="the store"):
         fit_tokens(store, store / "fit")
     assert not (tiny_run_fp32 / "lp.fit").exists() and not (store / "fit").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_cuda_without_a_device_is_refused_before_writing(tiny_run_fp32, probes_file, tmp_path):
+    with pytest.raises(PipelineError, match="--device cuda: no CUDA device"):
+        compute_logprobs(tiny_run_fp32, probes_file, tmp_path / "lp.zarr", device="cuda")
+    assert not (tmp_path / "lp.zarr").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_log_probs_equal_the_reference(tiny_run_fp32, probes, references, tmp_path,
+                                            probes_file):
+    lm = load_model(tiny_run_fp32 / "global_step_40", device="cuda")
+    lp, _ = teacher_force(lm.model, [(p.prompt_ids, p.response_ids) for p in probes],
+                          batch_tokens=64, vocab_chunk=7)
+    np.testing.assert_allclose(lp, references[40][0], rtol=0, atol=ATOL)
+    rep = compute_logprobs(tiny_run_fp32, probes_file, tmp_path / "lp.zarr", device="cuda",
+                           progress=False)
+    np.testing.assert_allclose(LogprobStore(rep.store).values()[-1], references[40][0],
+                               rtol=0, atol=ATOL)
