@@ -164,6 +164,12 @@ def test_bf16_checkpoint_in_its_own_dtype_is_close_to_the_reference(tiny_run_bf1
     np.testing.assert_allclose(lp32, want, rtol=0, atol=ATOL)
 
 
+def test_an_empty_prompt_is_refused(tiny_run_fp32):
+    lm = load_model(tiny_run_fp32 / "global_step_0")
+    with pytest.raises(PipelineError, match="empty prompt"):
+        teacher_force(lm.model, [([5], [6]), ([], [6, 7])])
+
+
 def test_a_tied_llama_checkpoint_equals_the_reference(tiny_run_tied, probes):
     ck = tiny_run_tied / "global_step_40"
     lm = load_model(ck, dtype="float32")

@@ -144,6 +144,8 @@ def teacher_force(model: Any, pairs: Sequence[Pair], *,
     if batch_tokens < 1 or vocab_chunk < 1:
         raise PipelineError(f"batch tokens and vocabulary chunk must be >= 1, got "
                             f"{batch_tokens} and {vocab_chunk}")
+    if any(r and not p for p, r in pairs):  # nothing would predict the first response token
+        raise PipelineError("a probe with a response has an empty prompt")
     sizes = np.array([len(r) for _, r in pairs], np.int64)
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     logprob = np.empty(int(offsets[-1]), np.float32)
