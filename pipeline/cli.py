@@ -798,6 +798,89 @@ def eval_cmd(
     runner.print_result(res)
 
 
+class LogprobDevice(enum.StrEnum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def _dtype_names() -> enum.EnumMeta:
+    from pipeline.outputs.models import DTYPES
+
+    return enum.Enum("LogprobDtype", {n: n for n in DTYPES})  # type: ignore[return-value]
+
+
+LogprobDtype = _dtype_names()  # --dtype's choices: the model loader's dtypes
+
+
+@app.command("logprobs")
+@user_errors
+def logprobs_cmd(
+    run: Annotated[str, typer.Argument(help="run directory (global_step_N/), or catalog name")],
+    probes: Annotated[Path, typer.Option(help="probes JSONL (prompt_ids, response_ids)")],
+    out: Annotated[
+        Path | None, typer.Option(help="log-prob store (default: RUN.logprobs.zarr beside RUN)")
+    ] = None,
+    fit_out: Annotated[
+        Path | None, typer.Option(help="token fit folder (default: the store's NAME.fit)")
+    ] = None,
+    report: Annotated[
+        Path | None, typer.Option(help="also write the token panels (PNG) into this folder")
+    ] = None,
+    device: Annotated[LogprobDevice, typer.Option(help="where the models run")
+                      ] = LogprobDevice.cpu,
+    dtype: Annotated[
+        LogprobDtype,  # type: ignore[valid-type]
+        typer.Option(help="model dtype: auto (the checkpoint's), float32, bfloat16, float16")
+    ] = LogprobDtype("auto"),
+    batch_tokens: Annotated[
+        int, typer.Option(help="padded tokens per forward batch")
+    ] = 8192,
+    vocab_chunk: Annotated[
+        int, typer.Option(help="vocabulary rows per LM-head chunk (memory: tokens x chunk)")
+    ] = 8192,
+    min_change: Annotated[
+        float, typer.Option(help="the authors' filter: keep tokens with |logp(last) - "
+                                 "logp(first)| above this")
+    ] = 0.2,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    catalog: CatalogOpt = None,
+) -> None:
+    """Teacher-force fixed probes through every checkpoint; fit token log-prob vs step."""
+    from pipeline.catalog import resolve
+    from pipeline.fit.results import fit_dir_for
+    from pipeline.outputs.logprob_store import compute_logprobs, default_store
+    from pipeline.outputs.token_fit import fit_tokens, print_summary
+
+    check_number(min_change, "--min-change", 0.0)
+    target = resolve(run, catalog)
+    run_dir = target.checkpoints
+    store = out or target.output("logprobs.zarr") or default_store(run_dir)
+    writing(store)
+    rep = compute_logprobs(run_dir, probes, store, device=device.value, dtype=dtype.value,
+                           batch_tokens=batch_tokens, vocab_chunk=vocab_chunk,
+                           step_pattern=target.step_pattern, progress=progress)
+    rate = f", {rep.n_tokens * len(rep.new_steps) / rep.seconds:,.0f} tokens/s" if (
+        rep.new_steps and rep.seconds > 0) else ""
+    typer.echo(f"log-probs {rep.store}: {rep.n_tokens} tokens x {len(rep.steps)} checkpoints "
+               f"({len(rep.new_steps)} new{rate})")
+    if len(rep.steps) < 2:
+        typer.echo("one checkpoint so far: no fit yet")
+        return
+    fit_dir = fit_out or target.output("logprobs.fit") or fit_dir_for(store)
+    writing(fit_dir)
+    fit = fit_tokens(store, fit_dir, min_change=min_change, progress=progress)
+    print_summary(fit)
+    typer.echo(f"token fit {fit.fit_dir} (token_summary.json, tokens.csv)")
+    if report is not None:
+        from pipeline.report.tokens import write_token_panels
+
+        writing(report)
+        check_output(report, [("the log-prob store", store), ("the run folder", run_dir)],
+                     option="--report")
+        for title, path in write_token_panels(store, fit, report):
+            typer.echo(f"{title}: {path}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app(prog_name="rlvr-lin")
 

@@ -139,8 +139,9 @@ def write_piece(fit_dir: str | Path, t: TensorPlan, rows: slice | None,
     """Write one piece's float32 results; rows are a whole number of chunks.
 
     The result arrays are uncompressed little-endian float32 with "." chunk
-    keys (``create_fit``), so a chunk file ``c.<i>.0`` is the chunk's bytes, the edge chunk padded with the fill
-    value to the whole chunk as zarr pads it: written straight to the file,
+    keys (``create_fit``), so a chunk file ``c.<i>.0`` is the chunk's bytes,
+    the edge chunk padded with the fill value to the whole chunk as zarr pads
+    it: written straight to the file,
     without zarr's per-call machinery (0.74 s of a 4.2 s fit of the 0.3 GB
     benchmark store went to writing through zarr). A 0-d tensor goes through zarr.
     """
