@@ -199,6 +199,7 @@ def test_cli_eval_pair_needs_alpha_or_steps(tiny_run_fp32, tmp_path):
 
 def test_rows_decoder_draws_what_public_decode_draws(tiny_run_fp32):
     """The resume path decodes chosen rows; a full set of rows must be decode's own output."""
+    from pipeline.errors import PipelineError
     from pipeline.evaluation.runner import decode_rows
     from pipeline.outputs.generate import decode
     from pipeline.outputs.models import load_model
@@ -208,8 +209,13 @@ def test_rows_decoder_draws_what_public_decode_draws(tiny_run_fp32):
     s = Sampling(temperature=1.0, max_new_tokens=4, seed=11)
     ref = {(c.prompt_index, c.sample): c for c in decode(m, prompts, 3, s, batch_size=8)}
     rows = sorted(ref, reverse=True)  # another order, other batches
-    got = {(c.prompt_index, c.sample): c for c in decode_rows(m, prompts, s, 1.0, 4)(rows)}
+    got = {(c.prompt_index, c.sample): c for c in decode_rows(m, prompts, 3, s, 1.0, 4)(rows)}
     assert got == ref
+    some = rows[::4]
+    assert {(c.prompt_index, c.sample): c for c in decode(m, prompts, 3, s, rows=some)} == {
+        r: ref[r] for r in some}
+    with pytest.raises(PipelineError, match=r"row \(10, 0\) is outside 10 prompts x k=3"):
+        decode(m, prompts, 3, s, rows=[(10, 0)])
     assert len({c.text for c in ref.values()}) > 3  # really sampled
 
 

@@ -332,29 +332,19 @@ def run_eval(task: EvalTask, k: int, settings: dict[str, Any],
 
 
 # ---------------------------------------------------------------- models + decode
-def decode_rows(models: Sequence[Any], prompts: Sequence[str], sampling: Any, alpha: float,
-                batch_size: int) -> Generate:
+def decode_rows(models: Sequence[Any], prompts: Sequence[str], k: int, sampling: Any,
+                alpha: float, batch_size: int) -> Generate:
     """``decode`` restricted to chosen (prompt, sample) rows, with the same draws.
 
     Checks everything (sampling, alpha, vocabularies, prompt lengths) now, before
     any file is written; the returned function decodes the rows it is given.
-    TODO(gen): use a public ``decode(..., rows=...)`` once pipeline/outputs/generate.py
-    offers one; until then this drives its batch decoder directly.
     """
-    import torch
+    from pipeline.outputs.generate import decode
 
-    from pipeline.outputs import generate as G
-
-    G.check_sampling(sampling)
-    check_int(batch_size, "--batch-size", 1)
-    G._check_models(models, alpha)
-    prompt_ids = G._tokenize(models, prompts, sampling.max_new_tokens)
+    decode(models, prompts, k, sampling, alpha, batch_size, rows=[])  # the checks, nothing run
 
     def run(rows: Sequence[Row]) -> Iterator[Any]:
-        with torch.inference_mode():
-            for i in range(0, len(rows), batch_size):
-                yield from G._Batch(list(rows[i:i + batch_size]), prompt_ids, models, sampling,
-                                    alpha).run()
+        return decode(models, prompts, k, sampling, alpha, batch_size, rows=rows)
 
     return run
 
@@ -379,7 +369,7 @@ def evaluate(models: Sequence[ModelRef], task: EvalTask, k: int, sampling: Any,
 
     def make_generate() -> Generate:
         loaded = [load_model(m.path, device, dtype) for m in models]
-        return decode_rows(loaded, prompts, sampling, alpha, batch_size)
+        return decode_rows(loaded, prompts, k, sampling, alpha, batch_size)
 
     return run_eval(task, k, settings, make_generate, out, n_boot, boot_seed, progress)
 

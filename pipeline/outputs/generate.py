@@ -241,29 +241,38 @@ class _Batch:
 
 
 def decode(models: Sequence[LoadedModel], prompts: Sequence[str], k: int, sampling: Sampling,
-           alpha: float = 1.0, batch_size: int = 32, *, progress: bool = False
+           alpha: float = 1.0, batch_size: int = 32, *,
+           rows: Sequence[tuple[int, int]] | None = None, progress: bool = False
            ) -> Iterator[Completion]:
     """One model: its own decoding. Two models (early, late): logits z_a + alpha (z_b - z_a).
 
     Yields k completions per prompt in order (prompt 0 samples 0..k-1, prompt
     1, ...). ``batch_size`` counts rows (prompt x sample) decoded together;
-    a batch prefills each of its unique prompts once. Everything is checked
-    before the first forward pass, so bad input fails with nothing generated.
+    a batch prefills each of its unique prompts once. ``rows`` restricts the
+    job to some (prompt, sample) pairs, e.g. the ones a resumed evaluation
+    still lacks: each gets the completion it has in the full job, since the
+    draws are keyed by (seed, prompt, sample, step), not by batch. Everything
+    is checked before the first forward pass, so bad input fails with nothing
+    generated.
     """
     check_sampling(sampling)
     check_int(k, "-k", 1)
     check_int(batch_size, "--batch-size", 1)
     _check_models(models, alpha)
     prompt_ids = _tokenize(models, prompts, sampling.max_new_tokens)
-    return _decode(models, prompt_ids, k, sampling, alpha, batch_size, progress)
+    if rows is None:
+        rows = [(p, s) for p in range(len(prompt_ids)) for s in range(k)]
+    bad = [r for r in rows if not (0 <= r[0] < len(prompt_ids) and 0 <= r[1] < k)]
+    if bad:
+        raise PipelineError(f"row {bad[0]} is outside {len(prompt_ids)} prompts x k={k}")
+    return _decode(models, prompt_ids, list(rows), sampling, alpha, batch_size, progress)
 
 
-def _decode(models: Sequence[LoadedModel], prompt_ids: list[list[int]], k: int,
-            sampling: Sampling, alpha: float, batch_size: int, progress: bool
-            ) -> Iterator[Completion]:
+def _decode(models: Sequence[LoadedModel], prompt_ids: list[list[int]],
+            rows: list[tuple[int, int]], sampling: Sampling, alpha: float, batch_size: int,
+            progress: bool) -> Iterator[Completion]:
     from pipeline.console import progress_bar
 
-    rows = [(p, s) for p in range(len(prompt_ids)) for s in range(k)]
     with torch.inference_mode(), progress_bar(len(rows), "generate", unit="seq",
                                               enabled=progress) as bar:
         for i in range(0, len(rows), batch_size):
