@@ -184,3 +184,26 @@ def test_a_checkpoint_of_another_architecture_is_refused(tmp_path, tiny_run_fp32
 def test_render_command_quotes_paths():
     cmd = render_command("train {init} --steps {m}", {"init": "/a b/c", "m": 3})
     assert shlex.split(cmd) == ["train", "/a b/c", "--steps", "3"]
+
+
+def test_cli_runs_and_resumes_a_loop(tmp_path, tiny_run_fp32):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    init = tiny_run_fp32 / "global_step_0"
+    out = tmp_path / "rlx"
+    args = ["rl-extra", "--trainer-cmd", CMD, "-m", "3", "-n", "6", "--init", str(init),
+            "--out", str(out)]
+    runner = CliRunner(env={"COLUMNS": "200"})
+    r = runner.invoke(app, [*args, "--cycles", "1"])
+    assert r.exit_code == 0, r.output
+    assert "last model:" in r.output and "global_step_3" in r.output
+    r = runner.invoke(app, [*args, "--cycles", "2"])
+    assert r.exit_code == 0, r.output
+    assert "(earlier run)" in r.output
+    assert [(c.step, c.real_step) for c in discover_checkpoints(out / "run")] == [
+        (0, 0), (9, 3), (18, 6)]
+    r = runner.invoke(app, [*args[:4], "0", *args[5:], "--cycles", "2"])
+    assert r.exit_code == 2
+    assert r.output.strip().splitlines()[-1] == "error: -m must be >= 1, got 0"
