@@ -207,3 +207,47 @@ def test_cli_runs_and_resumes_a_loop(tmp_path, tiny_run_fp32):
     r = runner.invoke(app, [*args[:4], "0", *args[5:], "--cycles", "2"])
     assert r.exit_code == 2
     assert r.output.strip().splitlines()[-1] == "error: -m must be >= 1, got 0"
+
+
+def test_a_failed_first_cycle_can_be_rerun_with_a_fixed_command(tmp_path, tiny_run_fp32):
+    init = tiny_run_fp32 / "global_step_0"
+    out = _fails(tmp_path, init, "echo {init}; exit 1", "exit code 1")
+    res = run_rl_extra(CMD, 2, 1, 1, init, out, log=_quiet)  # no cycle done: the fix is taken
+    assert res.ran == [0]
+    assert json.loads((out / LEDGER_FILE).read_text())["settings"]["trainer_cmd"] == CMD
+    assert [c.step for c in discover_checkpoints(out / "run")] == [0, 3]
+
+
+def test_a_model_that_landed_before_the_ledger_is_adopted_not_retrained(tmp_path,
+                                                                        tiny_run_fp32):
+    init = tiny_run_fp32 / "global_step_0"
+    out = tmp_path / "rlx"
+    run_rl_extra(CMD, 2, 1, 1, init, out, log=_quiet)
+    ledger = json.loads((out / LEDGER_FILE).read_text())
+    ledger["cycles"] = []  # as if the process died between publishing and recording
+    (out / LEDGER_FILE).write_text(json.dumps(ledger))
+    log = out / "cycles" / "cycle_000" / "train.log"
+    before = log.stat().st_mtime_ns
+    res = run_rl_extra(CMD, 2, 1, 2, init, out, log=_quiet)
+    assert res.ran == [0, 1] and res.cycles[0].seconds == 0.0  # adopted, then cycle 1 ran
+    assert log.stat().st_mtime_ns == before  # cycle 0's command did not run again
+    assert [c.step for c in discover_checkpoints(out / "run")] == [0, 3, 6]
+
+
+def test_an_unfinished_cycle_is_redone(tmp_path, tiny_run_fp32):
+    init = tiny_run_fp32 / "global_step_0"
+    out = tmp_path / "rlx"
+    run_rl_extra(CMD, 2, 1, 1, init, out, log=_quiet)
+    stale = out / "cycles" / "cycle_001" / "train" / "global_step_2"
+    stale.mkdir(parents=True)  # a crashed attempt's half-written checkpoint
+    (stale / "model.safetensors").write_bytes(b"\0" * 10)
+    res = run_rl_extra(CMD, 2, 1, 2, init, out, log=_quiet)
+    assert res.ran == [1]
+    assert (stale / "model.safetensors").stat().st_size > 10  # written anew by the command
+
+
+def test_a_resume_with_another_init_is_refused(tmp_path, tiny_run_fp32, tiny_run_tied):
+    out = tmp_path / "rlx"
+    run_rl_extra(CMD, 2, 1, 1, tiny_run_fp32 / "global_step_0", out, log=_quiet)
+    with pytest.raises(PipelineError, match="other settings \\(init"):
+        run_rl_extra(CMD, 2, 1, 2, tiny_run_tied / "global_step_0", out, log=_quiet)

@@ -198,15 +198,27 @@ def _read_ledger(path: Path) -> dict[str, Any] | None:
     return doc
 
 
-def _check_resume(doc: dict[str, Any], settings: LoopSettings, path: Path) -> None:
+def _check_resume(doc: dict[str, Any], settings: LoopSettings, path: Path,
+                  log: Callable[[str], None]) -> bool:
+    """Refuse other settings once a cycle is completed; before that, the new ones win.
+
+    Returns True when the settings were replaced (the first cycle failed, e.g. a
+    typo in the command, and the user fixed it: nothing done depends on them).
+    """
     old = doc.get("settings", {})
     new = settings.as_dict()
     diff = [k for k in new if old.get(k) != new[k]]
-    if diff:
-        k = diff[0]
-        raise PipelineError(f"this --out holds an RL-Extra run with other settings ({k}: "
-                            f"{old.get(k)!r} there, {new[k]!r} now); resume with the same "
-                            "settings or choose another --out", path)
+    if not diff:
+        return False
+    if not doc.get("cycles"):
+        log(f"no cycle completed yet: new settings ({', '.join(diff)}) replace the old ones")
+        doc["settings"] = new
+        return True
+    k = diff[0]
+    raise PipelineError(f"this --out holds an RL-Extra run with other settings ({k}: "
+                        f"{old.get(k)!r} there, {new[k]!r} now) and {len(doc['cycles'])} "
+                        "completed cycle(s); resume with the same settings or choose another "
+                        "--out", path)
 
 
 def _copy_model(src: Path, dst: Path, meta: dict[str, Any] | None = None) -> None:
@@ -285,8 +297,11 @@ def run_rl_extra(
             raise PipelineError("--out exists, is not empty and holds no RL-Extra ledger", out_p)
         doc = {"version": LEDGER_VERSION, "settings": settings.as_dict(), "cycles": []}
         _write_json_atomic(ledger_path, doc)
-    else:
-        _check_resume(doc, settings, ledger_path)
+    elif _check_resume(doc, settings, ledger_path, log):
+        # the start copy may be of another --init: removed first, so a crash here leaves
+        # the old settings with no start, which the next call replaces again
+        shutil.rmtree(out_p / "run", ignore_errors=True)
+        _write_json_atomic(ledger_path, doc)
     start0 = out_p / "run" / "global_step_0"
     if not start0.is_dir():  # a first call, or one that stopped before the copy landed
         start0.parent.mkdir(exist_ok=True)
