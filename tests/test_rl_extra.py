@@ -329,3 +329,61 @@ def test_a_nominal_step_clashing_with_a_real_one_is_refused(tmp_path):
     (inner / STEP_META_FILE).write_text('{"real_step": 7, "nominal_step": 9}')
     assert [(c.step, c.real_step) for c in discover_checkpoints(tmp_path)] == [
         (2, None), (5, None), (9, 7)]
+
+
+def test_include_exclude_and_bf16_parameters(tiny_run_fp32):
+    """The callback on a bf16 model, outside a trainer: only the chosen tensors jump, in
+    float32 from the bf16 values, rounded to bf16; the next segment starts from the rounded."""
+    from types import SimpleNamespace
+
+    import ml_dtypes
+    from transformers import AutoModelForCausalLM, TrainerControl, TrainerState
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_run_fp32 / "global_step_0",
+                                                 dtype=torch.bfloat16)
+    spec = RLExtra(m=1, n=2, optimizer="keep", include=("re:mlp",), exclude=("*down_proj*",))
+    cb = RLExtraCallback(spec)
+    args = SimpleNamespace(gradient_accumulation_steps=1, steps_per_generation=1,
+                           num_iterations=1)
+    state, control = TrainerState(), TrainerControl()
+    cb.on_train_begin(args, state, control, model=model)
+    assert cb.jumped_names and all("mlp" in n and "down_proj" not in n for n in cb.jumped_names)
+    gen = torch.Generator().manual_seed(0)
+
+    def f32() -> dict[str, np.ndarray]:
+        return {k: v.detach().float().numpy().copy() for k, v in model.named_parameters()}
+
+    start = f32()
+    for real in (1, 2):
+        with torch.no_grad():  # a known move in place of training
+            for p in model.parameters():
+                p.add_(1e-2 * torch.randn(p.shape, generator=gen).to(p.dtype))
+        end = f32()
+        state.global_step = real
+        cb.on_step_end(args, state, control, model=model, optimizer=None)
+        got = f32()
+        for name in got:
+            if name in cb.jumped_names:
+                s, e = start[name], end[name]
+                want = (s + np.float32(3.0) * (e - s)).astype(ml_dtypes.bfloat16)
+                np.testing.assert_array_equal(got[name], want.astype(np.float32))
+                assert np.any(got[name] != e)
+            else:
+                np.testing.assert_array_equal(got[name], end[name])
+        start = got
+    assert [r.nominal_step for r in cb.records] == [3, 6]
+
+
+def test_no_matching_tensor_and_a_resumed_trainer_are_refused(tiny_run_fp32):
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM, TrainerControl, TrainerState
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_run_fp32 / "global_step_0")
+    args = SimpleNamespace(gradient_accumulation_steps=1)
+    with pytest.raises(PipelineError, match="no trainable tensor matches"):
+        RLExtraCallback(RLExtra(m=1, n=1, include=("nothing*",))).on_train_begin(
+            args, TrainerState(), TrainerControl(), model=model)
+    with pytest.raises(PipelineError, match="cannot resume a trainer mid-run"):
+        RLExtraCallback(RLExtra(m=1, n=1)).on_train_begin(
+            args, TrainerState(global_step=5), TrainerControl(), model=model)
