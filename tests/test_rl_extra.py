@@ -62,6 +62,7 @@ class Recorder:
     after: dict[int, dict] = field(default_factory=dict)
     after_weights: dict[int, torch.Tensor] = field(default_factory=dict)
     adam_steps: dict[int, set] = field(default_factory=dict)  # global step -> Adam 'step's
+    trainer_checkpoints: list = field(default_factory=list)  # TRL's checkpoint-N, discovered
 
     def hook(self, phase, rec, model, optimizer) -> None:
         if phase == "before":  # the segment end, saved as a real safetensors file
@@ -81,6 +82,11 @@ class Recorder:
             def on_step_end(self, args, state, control, optimizer=None, **kw):
                 rec.adam_steps[state.global_step] = {
                     int(s["step"]) for s in _adam(optimizer).values()}
+
+            def on_train_end(self, args, state, control, **kw):
+                if args.save_strategy != "no":  # (make_tiny_run deletes the folder afterwards)
+                    rec.trainer_checkpoints = [(c.step, c.real_step, c.path.name)
+                                               for c in discover_checkpoints(args.output_dir)]
 
         return AdamSteps()
 
@@ -121,6 +127,7 @@ def reset_run(tmp_path_factory, tiny_run_fp32):
 # steps_per_generation=2 x num_iterations=2: rollouts every 4 optimizer steps
 BUFFERED = replace(SMALL, rl_steps=8, save_every=4)
 BUFFER_ARGS = {"steps_per_generation": 2, "num_iterations": 2}
+TRL_SAVES = {"save_strategy": "steps", "save_steps": 4}  # TRL's own checkpoint-N folders
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +135,7 @@ def keep_run(tmp_path_factory, tiny_run_fp32):
     """m=4, n=2, optimizer kept, rollouts buffered over 4 steps; the generations spied on."""
     spy: list = []
     out, rec, cb = _train(tmp_path_factory.mktemp("keep"), RLExtra(m=4, n=2, optimizer="keep"),
-                          BUFFERED, spy=spy, grpo_args=BUFFER_ARGS,
+                          BUFFERED, spy=spy, grpo_args={**BUFFER_ARGS, **TRL_SAVES},
                           init_model=tiny_run_fp32 / "global_step_0")
     return out, rec, cb, spy
 
@@ -387,3 +394,9 @@ def test_no_matching_tensor_and_a_resumed_trainer_are_refused(tiny_run_fp32):
     with pytest.raises(PipelineError, match="cannot resume a trainer mid-run"):
         RLExtraCallback(RLExtra(m=1, n=1)).on_train_begin(
             args, TrainerState(global_step=5), TrainerControl(), model=model)
+
+
+def test_trl_checkpoints_get_their_nominal_step(keep_run):
+    """TRL's own checkpoint-N/ (save_strategy="steps") carry nominal_step.json too."""
+    _, rec, _, _ = keep_run
+    assert rec.trainer_checkpoints == [(6, 4, "checkpoint-4"), (12, 8, "checkpoint-8")]

@@ -34,9 +34,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -238,6 +240,18 @@ class RLExtraCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kw):
         if state.global_step > 0 and state.global_step % self.spec.m == 0:
             self.jump(state.global_step, model, optimizer)
+
+    def on_save(self, args, state, control, **kw):
+        """Give the trainer's own ``checkpoint-N/`` its nominal step (ingest reads it).
+
+        The Trainer saves after ``on_step_end``, so a checkpoint at a jump step
+        holds the jumped model and its nominal step includes the jump.
+        """
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir() and getattr(args, "should_save", True):
+            tmp = folder / f".{STEP_META_FILE}.partial"
+            tmp.write_text(step_meta_json(self.step_metadata(state.global_step)))
+            os.replace(tmp, folder / STEP_META_FILE)
 
     # -- the jump --------------------------------------------------------------------------
 
