@@ -881,6 +881,51 @@ def logprobs_cmd(
             typer.echo(f"{title}: {path}")
 
 
+@app.command("rl-extra")
+@user_errors
+def rl_extra_cmd(
+    trainer_cmd: Annotated[str, typer.Option(
+        help="command for one cycle (run by the shell); placeholders {init} (model to train "
+             "from), {out} (empty folder for its checkpoints), {m}, {cycle}, {start_step}, "
+             "{nominal_step}")],
+    m: Annotated[int, typer.Option("-m", help="real RL steps per cycle")],
+    n: Annotated[int, typer.Option("-n", help="extra (free) steps per jump")],
+    cycles: Annotated[int, typer.Option(help="cycles in all (a re-run resumes)")],
+    init: Annotated[Path, typer.Option(help="model folder the first cycle trains from")],
+    out: Annotated[Path, typer.Option(help="run folder (ledger, cycles/, run/)")],
+    checkpoint_glob: Annotated[str, typer.Option(
+        help="the command's checkpoint under {out}; {m}, {cycle}, {start_step} filled; "
+             "verl's actor/huggingface/ inside is found")] = "global_step_{m}",
+    include: Annotated[
+        list[str] | None, typer.Option(help="tensors that jump (glob, or re:REGEX); repeatable")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(help="tensors kept at their trained values (default: norms); repeatable, "
+                     "replaces the default; --exclude '' jumps everything"),
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="dtype of the jumped models (default: the trainer's)")
+    ] = None,
+) -> None:
+    """RL-Extra (Eq. 3) around an external trainer: m real steps, jump n, repeat; resumable."""
+    from pipeline.extrapolate.plan import DEFAULT_EXCLUDE
+    from pipeline.rl.extra_loop import run_rl_extra
+
+    writing(out)
+    res = run_rl_extra(trainer_cmd, m, n, cycles, init, out,
+                       checkpoint_glob=checkpoint_glob, include=include or ("*",),
+                       exclude=DEFAULT_EXCLUDE if exclude is None else [e for e in exclude if e],
+                       dtype=dtype, log=lambda msg: typer.echo(msg, err=True))
+    from pipeline.console import print_table
+
+    print_table(f"RL-Extra run in {res.out} (m={m}, n={n})",
+                ["cycle", "real step", "nominal step", "model", "seconds"],
+                [[c.cycle, c.real_step, c.nominal_step, c.model,
+                  "(earlier run)" if c.cycle not in res.ran else c.seconds]
+                 for c in res.cycles])
+    typer.echo(f"last model: {res.last_model}")
+
 def main() -> None:  # pragma: no cover - console entry point
     app(prog_name="rlvr-lin")
 

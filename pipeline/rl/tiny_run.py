@@ -17,10 +17,10 @@ import random
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -31,11 +31,15 @@ from pipeline.rl.evaluate import greedy_accuracy
 from pipeline.rl.tasks import Problem, exact_match_reward, task_problems
 from pipeline.rl.tiny_model import Arch, ModelSize, build_model
 
+if TYPE_CHECKING:
+    from pipeline.rl.extra import RLExtra, RLExtraCallback
+
 SaveDtype = Literal["float32", "bfloat16"]
 # Bump when the generator's output changes for the same config (invalidates caches).
 GENERATOR_VERSION = 3
 METRICS_FILE = "metrics.json"
 RUN_CONFIG_FILE = "run_config.json"
+RL_EXTRA_FILE = "rl_extra.json"  # an RL-Extra run's settings and jumps, beside metrics.json
 
 
 @dataclass(frozen=True)
@@ -103,13 +107,15 @@ def _warm_start(model, tokenizer, train: list[Problem], cfg: TinyRunConfig,
 
 
 def save_checkpoint(
-    model, tokenizer, out_dir: Path, dtype: SaveDtype, max_shard_size: str | None
+    model, tokenizer, out_dir: Path, dtype: SaveDtype, max_shard_size: str | None,
+    extra_files: Mapping[str, str] | None = None,
 ) -> None:
     """Write a HF checkpoint atomically: a hidden temporary folder renamed at the end.
 
     Real trainers do not always do this; ours does so that a run being watched
     never exposes a half-written checkpoint except when a test makes one on
-    purpose.
+    purpose. ``extra_files`` (name -> text, e.g. RL-Extra's nominal step) are
+    written inside before the rename, so they appear with the weights.
     """
     tmp = out_dir.parent / f".{out_dir.name}.partial"
     if tmp.exists():
@@ -120,6 +126,8 @@ def save_checkpoint(
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     copy_.save_pretrained(tmp, **kwargs)
     tokenizer.save_pretrained(tmp)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
     os.replace(tmp, out_dir)
 
 
@@ -128,16 +136,40 @@ def make_tiny_run(
     cfg: TinyRunConfig | None = None,
     log: Callable[[str], None] = print,
     progress: bool = True,
+    *,
+    rl_extra: RLExtra | RLExtraCallback | None = None,
+    callbacks: Sequence[Any] = (),
+    grpo_args: Mapping[str, Any] | None = None,
+    init_model: str | Path | None = None,
 ) -> Path:
-    """Train the run into ``out`` (``global_step_N/`` folders + metrics.json)."""
+    """Train the run into ``out`` (``global_step_N/`` folders + metrics.json).
+
+    The keywords leave a run bit-identical when not given (the test cache is
+    keyed by ``cfg`` alone). ``rl_extra``: jump the weights every m steps
+    (Eq. 3, ``pipeline.rl.extra``); checkpoints then carry their nominal step
+    and ``rl_extra.json`` records the jumps. ``callbacks``: more trainer
+    callbacks, run after the checkpointing one. ``grpo_args``: GRPOConfig
+    fields to override (e.g. ``steps_per_generation``). ``init_model``: start
+    GRPO from this HF model folder instead of a fresh model and its warm start
+    (``cfg.arch``/``size``/``tie``/``sft_*`` are then unused): one cycle of an
+    external RL-Extra loop, or a test that needs a policy with reward at once.
+    """
+    fresh = not Path(out).exists() or not any(Path(out).iterdir())
     with warnings.catch_warnings():  # the caller's filters are restored afterwards
         # TRL calls transformers APIs that warn about their own renames: not the user's concern
         warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-        return _train(out, cfg, log, progress)
+        try:
+            return _train(out, cfg, log, progress, rl_extra, callbacks, grpo_args, init_model)
+        except PipelineError:
+            if rl_extra is not None and fresh:  # a refused RL-Extra setting: leave nothing
+                shutil.rmtree(out, ignore_errors=True)
+            raise
 
 
 def _train(out: str | Path, cfg: TinyRunConfig | None, log: Callable[[str], None],
-           progress: bool) -> Path:
+           progress: bool, rl_extra: RLExtra | RLExtraCallback | None = None,
+           callbacks: Sequence[Any] = (), grpo_args: Mapping[str, Any] | None = None,
+           init_model: str | Path | None = None) -> Path:
     import transformers
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
@@ -156,14 +188,30 @@ def _train(out: str | Path, cfg: TinyRunConfig | None, log: Callable[[str], None
     tokenizer = build_char_tokenizer()
     train, heldout = task_problems(cfg.task, cfg.seed, cfg.n_heldout)
     answer_tokens = max(len(p.answer) for p in train + heldout) + 1  # + end of sequence
-    model = build_model(cfg.arch, cfg.size, tokenizer, cfg.tie, cfg.seed)
-    _warm_start(model, tokenizer, train, cfg, progress)
+    if init_model is None:
+        model = build_model(cfg.arch, cfg.size, tokenizer, cfg.tie, cfg.seed)
+        _warm_start(model, tokenizer, train, cfg, progress)
+    else:
+        model = _load_init(Path(init_model), tokenizer)
 
     metrics: dict = {"config": _config_dict(cfg), "reward": [], "heldout_accuracy": {}}
+    if init_model is not None:
+        metrics["init_model"] = str(init_model)
+    extra_cb = None
+    if rl_extra is not None:
+        from pipeline.rl.extra import STEP_META_FILE, RLExtraCallback, step_meta_json
+
+        extra_cb = rl_extra if isinstance(rl_extra, RLExtraCallback) else RLExtraCallback(rl_extra)
+        metrics["nominal_step"] = {}
 
     def checkpoint(step: int, m) -> None:
         folder = out / f"global_step_{step}"
-        save_checkpoint(m, tokenizer, folder, cfg.dtype, cfg.max_shard_size)
+        extra_files = None
+        if extra_cb is not None:
+            meta = extra_cb.step_metadata(step)
+            metrics["nominal_step"][str(step)] = meta["nominal_step"]
+            extra_files = {STEP_META_FILE: step_meta_json(meta)}
+        save_checkpoint(m, tokenizer, folder, cfg.dtype, cfg.max_shard_size, extra_files)
         # score the files as a user will load them, not the in-memory copy
         acc = greedy_accuracy(AutoModelForCausalLM.from_pretrained(folder), tokenizer, heldout)
         metrics["heldout_accuracy"][str(step)] = acc
@@ -182,7 +230,7 @@ def _train(out: str | Path, cfg: TinyRunConfig | None, log: Callable[[str], None
                 metrics["reward"].append({"step": state.global_step, "reward": logs["reward"]})
 
     rl_prompts = Dataset.from_list([{"prompt": p.prompt, "answer": p.answer} for p in train])
-    args = GRPOConfig(
+    base_args = dict(
         output_dir=str(out / ".trainer"),
         per_device_train_batch_size=cfg.prompts_per_step * cfg.generations,
         num_generations=cfg.generations,
@@ -205,13 +253,15 @@ def _train(out: str | Path, cfg: TinyRunConfig | None, log: Callable[[str], None
         disable_tqdm=True,
         temperature=1.0,
     )
+    args = GRPOConfig(**{**base_args, **(grpo_args or {})})
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=exact_match_reward,
         args=args,
         train_dataset=rl_prompts,
         processing_class=tokenizer,
-        callbacks=[SaveEvery()],
+        # RL-Extra first: a checkpoint saved at a jump step holds the jumped model
+        callbacks=[*([extra_cb] if extra_cb is not None else []), SaveEvery(), *callbacks],
     )
     from transformers.trainer_callback import PrinterCallback
 
@@ -225,7 +275,25 @@ def _train(out: str | Path, cfg: TinyRunConfig | None, log: Callable[[str], None
     metrics["seconds"] = round(time.perf_counter() - t_start, 1)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
     (out / RUN_CONFIG_FILE).write_text(json.dumps(_config_dict(cfg), indent=1))
+    if extra_cb is not None:
+        (out / RL_EXTRA_FILE).write_text(json.dumps(extra_cb.summary(), indent=1))
     return out
+
+
+def _load_init(folder: Path, tokenizer) -> Any:
+    """An init model for GRPO, in float32 (the master weights), checked against the tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    if not (folder / "config.json").is_file():
+        raise PipelineError("init model folder has no config.json", folder)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"cannot load the init model: {e}", folder) from None
+    if model.config.vocab_size != len(tokenizer):
+        raise PipelineError(f"init model has vocab_size {model.config.vocab_size}, the "
+                            f"character tokenizer {len(tokenizer)}", folder)
+    return model
 
 
 def _config_dict(cfg: TinyRunConfig) -> dict:
