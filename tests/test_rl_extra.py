@@ -305,6 +305,7 @@ def test_ingest_stores_the_nominal_steps(reset_run, tmp_path):
     assert state.steps == [0, 5, 10]
     assert [state.record_for(s)["folder"] for s in state.steps] == [
         "global_step_0", "global_step_2", "global_step_4"]
+    assert [state.record_for(s)["real_step"] for s in state.steps] == [0, 2, 4]
 
 
 @pytest.mark.parametrize("text, match", [

@@ -500,6 +500,8 @@ class _Ingester:
             "nonfinite": nonfinite,
             "ingested_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        if cp.real_step is not None:  # an RL-Extra run: the step is nominal (real + jumped)
+            record["real_step"] = cp.real_step
         if state.meta.get("model_config") is None:  # the run's config: the first one seen
             state.meta["model_config"] = job.reader.config
         state.commit(job.index, cp.step, record)
