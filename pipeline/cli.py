@@ -422,6 +422,13 @@ def report_cmd(
 
         _, _, png = backtest_to_folder(StoreSource(store_path), out)
         extra.append(("Backtest: predicted vs real weights", png))
+    if outputs is not None and (outputs / "logprobs.zarr").is_dir():  # `logprobs` ran: its panels
+        from pipeline.outputs.token_fit import open_token_fit
+        from pipeline.report.tokens import write_token_panels
+
+        tokens = open_token_fit(outputs / "logprobs.zarr", outputs / "logprobs.fit")
+        if tokens is not None:
+            extra += write_token_panels(outputs / "logprobs.zarr", tokens, out)
     page = write_report(store_path, fit_dir, out, paper_filters=paper_filters,
                         n_samples=samples, extra_images=extra)
     typer.echo(f"report: {page}")

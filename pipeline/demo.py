@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from pipeline.catalog import RunEntry, load_catalog
 from pipeline.console import console, print_table
@@ -55,40 +56,111 @@ def show_run(run_dir: Path) -> None:
     print_table(f"Checkpoints of {run_dir}", ["step", "held-out accuracy", "train reward"], rows)
 
 
-def export_and_check(entry: RunEntry, run_dir: Path) -> None:
-    """Extrapolate past the last checkpoint with every registered method, export, load, score.
+DEMO_PROBE_PROMPTS = 32  # held-out prompts whose sampled answers are teacher-forced
+DEMO_EVAL = {"n": 64, "k": 4}  # the small evaluation of every model at the target step
 
-    The target is a fifth of the run beyond its last checkpoint. Every model
-    is written by the real export path and loaded with ``transformers``, so
-    what is scored is what a user would get; the last real checkpoint is the
-    bar to clear.
+
+def export_and_check(entry: RunEntry, run_dir: Path) -> None:
+    """Extrapolate past the last checkpoint in weights and in logits, then evaluate them all.
+
+    The target is a fifth of the run beyond its last checkpoint. Every weight
+    method's model is written by the real export path and loaded with
+    ``transformers``, so what is scored is what a user would get; logits
+    extrapolation (Eq. 1) mixes the two checkpoints that give alpha 2 at the
+    target, or the first and the last. The last real checkpoint is the bar
+    to clear. All are evaluated alike: greedy held-out accuracy, and avg@k /
+    pass@k of sampled answers (the paper's T = 0.6, top-p 0.95) with
+    bootstrap intervals.
     """
+    from pipeline.evaluation.runner import ModelRef, evaluate
+    from pipeline.evaluation.tasks import get_task
     from pipeline.extrapolate import methods
-    from pipeline.extrapolate.alpha_sweep import heldout_problems, score_folder
     from pipeline.extrapolate.export import export, make_spec
     from pipeline.extrapolate.sources import StoreSource
+    from pipeline.outputs.sampling import Sampling
 
     source = StoreSource(entry.store, run_dir)
     steps = list(source.steps)
     target = steps[-1] + (steps[-1] - steps[0]) // 5
-    problems = heldout_problems(run_dir)
     last = _checkpoint_folder(run_dir, steps[-1])
-    rows: list[tuple[str, str, float]] = [
-        (f"real checkpoint, step {steps[-1]}", str(last), score_folder(last, problems))]
+    models: list[tuple[str, list[ModelRef]]] = [
+        (f"real checkpoint, step {steps[-1]}", [ModelRef(last, steps[-1])])]
     for m in methods.methods():  # window methods use every step, two-point the first and last
         out = entry.outputs / f"extrapolated-{m.name}-step{target}"
         spec = make_spec(source, m.name, to=target, **m.typical_params())
         res = export(source, out, spec, force=True, progress=False)
         label = m.summary + (f" ({m.label(spec.param_values)})" if m.params else "")
-        rows.append((f"{label} -> step {target}", str(res.out), score_folder(res.out, problems)))
-    print_table(f"Extrapolated models (loaded with transformers), target step {target}",
-                ["model", "folder", "held-out greedy accuracy"], rows)
+        models.append((f"{label} -> step {target}", [ModelRef(res.out)]))
+    gap = target - steps[-1]
+    early = steps[-1] - gap if steps[-1] - gap in steps else steps[0]
+    pair = [ModelRef(_checkpoint_folder(run_dir, early), early), ModelRef(last, steps[-1])]
+    alpha = (target - early) / (steps[-1] - early)
+    models.append((f"logits extrapolation {early} -> {steps[-1]} (alpha {alpha:g}) "
+                   f"-> step {target}", pair))
+    heldout = get_task("heldout", [last])
+    task = heldout.head(DEMO_EVAL["n"])
+    greedy = Sampling(temperature=0.0, max_new_tokens=heldout.max_new_tokens)
+    sampling = Sampling(temperature=0.6, top_p=0.95, max_new_tokens=task.max_new_tokens)
+    k = DEMO_EVAL["k"]
+    rows: list[tuple[str, float, str, str]] = []
+    for label, refs in models:
+        a = alpha if len(refs) == 2 else 1.0
+        acc = evaluate(refs, heldout, 1, greedy, alpha=a, progress=False).summary.overall
+        est = evaluate(refs, task, k, sampling, alpha=a, progress=False).summary.overall
+        rows.append((label, acc["avg@1"].value, _ci(est[f"avg@{k}"]), _ci(est[f"pass@{k}"])))
+    print_table(f"Weight and logits extrapolation to step {target}, next to the last checkpoint "
+                f"(held-out: greedy on all {len(heldout.problems)}; sampled on "
+                f"{len(task.problems)} x k={k}, T=0.6, top-p 0.95, 95% CIs)",
+                ["model", "greedy accuracy", f"avg@{k}", f"pass@{k}"], rows)
+
+
+def _ci(e: Any) -> str:
+    return f"{e.value:.3f} [{e.low:.3f}, {e.high:.3f}]"
+
+
+def token_logprobs(entry: RunEntry, run_dir: Path, report_dir: Path) -> list[tuple[str, Path]]:
+    """The output space: probes sampled once, teacher-forced through every checkpoint, fitted.
+
+    Probes are answers the last checkpoint samples for held-out prompts
+    (sampled once and kept, so a re-run adds only new checkpoints' rows);
+    every checkpoint's log-prob of each answer token goes into the log-prob
+    store, and the same fit engine as the weights fits them against step.
+    """
+    from pipeline.evaluation.tasks import get_task
+    from pipeline.outputs.logprob_store import compute_logprobs
+    from pipeline.outputs.models import load_model
+    from pipeline.outputs.probes import sample_probes
+    from pipeline.outputs.records import Prompt, write_probes
+    from pipeline.outputs.sampling import Sampling
+    from pipeline.outputs.token_fit import fit_tokens, print_summary
+    from pipeline.report.tokens import write_token_panels
+
+    steps = [c.step for c in _checkpoints(run_dir)]
+    last = _checkpoint_folder(run_dir, steps[-1])
+    probes = entry.outputs / "probes.jsonl"
+    if not probes.exists():
+        task = get_task("heldout", [last]).head(DEMO_PROBE_PROMPTS)
+        prompts = [Prompt(p.prompt, p.answer, p.id) for p in task.problems]
+        sampling = Sampling(temperature=1.0, max_new_tokens=task.max_new_tokens, seed=0)
+        write_probes(probes, list(sample_probes(load_model(last), prompts, 2, sampling)))
+    store = entry.outputs / "logprobs.zarr"
+    rep = compute_logprobs(run_dir, probes, store, step_pattern=entry.step_pattern,
+                           progress=False)
+    console.print(f"log-probs of {rep.n_tokens} probe tokens x {len(rep.steps)} checkpoints "
+                  f"({len(rep.new_steps)} new) in {store}")
+    fit = fit_tokens(store, entry.outputs / "logprobs.fit")
+    print_summary(fit)
+    return write_token_panels(store, fit, report_dir)
+
+
+def _checkpoints(run_dir: Path) -> list:
+    from pipeline.checkpoints import discover_checkpoints
+
+    return discover_checkpoints(run_dir)
 
 
 def _checkpoint_folder(run_dir: Path, step: int) -> Path:
-    from pipeline.checkpoints import discover_checkpoints
-
-    return next(c.path for c in discover_checkpoints(run_dir) if c.step == step)
+    return next(c.path for c in _checkpoints(run_dir) if c.step == step)
 
 
 def run_demo(name: str | None, catalog: Path | None, scheduler: str | None) -> None:
@@ -120,12 +192,15 @@ def run_demo(name: str | None, catalog: Path | None, scheduler: str | None) -> N
         fit_dir = entry.outputs / "fit"
         rep = fit_store(entry.store, fit_dir, client=client)
         print_headline(rep.histograms["moving"])
-    console.rule("[bold]4. backtest and report")
+    console.rule("[bold]4. token log-probs: teacher-forced probes through every checkpoint")
     report_dir = entry.outputs / "report"
+    token_panels = token_logprobs(entry, run_dir, report_dir)
+    console.rule("[bold]5. backtest and report")
     bt, _, backtest_png = backtest_to_folder(StoreSource(entry.store, run_dir), report_dir)
     print_backtest(bt)
     page = write_report(entry.store, fit_dir, report_dir,
-                        extra_images=[("Backtest: predicted vs real weights", backtest_png)])
+                        extra_images=[("Backtest: predicted vs real weights", backtest_png),
+                                      *token_panels])
     console.print(f"report: {page}")
-    console.rule("[bold]5. extrapolate, export, load")
+    console.rule("[bold]6. extrapolate in weights and in logits, export, load, evaluate")
     export_and_check(entry, run_dir)

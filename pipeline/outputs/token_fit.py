@@ -126,6 +126,17 @@ def fit_tokens(store: str | Path, out: str | Path | None = None, *,
     return TokenFit(rep.fit_dir, rep.steps, min_change, table, summary)
 
 
+def open_token_fit(store: str | Path, fit_dir: str | Path) -> TokenFit | None:
+    """A token fit written earlier (its summary names the filter), or None if there is none."""
+    doc_path = Path(fit_dir) / SUMMARY_FILE
+    if not doc_path.is_file():
+        return None
+    doc = json.loads(doc_path.read_text())
+    table = token_table(store, fit_dir, float(doc["min_change"]))
+    return TokenFit(Path(fit_dir), list(doc["steps"]), float(doc["min_change"]), table,
+                    doc["rows"])
+
+
 def _no_nan(value: Any) -> Any:
     """NaN (no token to take a median of) as JSON null: NaN is not JSON."""
     if isinstance(value, float) and math.isnan(value):
