@@ -167,6 +167,18 @@ Scheduler = Annotated[
 CatalogOpt = Annotated[
     Path | None, typer.Option("--catalog", help="catalog file (default ./data_catalog.yaml)")
 ]
+# decoding options shared by generate, probes and eval (defaults: the paper's T and top-p)
+TemperatureOpt = Annotated[float, typer.Option(help="0 = greedy (argmax)")]
+TopPOpt = Annotated[float, typer.Option(help="nucleus sampling, in (0, 1]")]
+TopKOpt = Annotated[int, typer.Option(help="keep the k most likely tokens (0 = off)")]
+SeedOpt = Annotated[int, typer.Option(help="sampling seed")]
+StopOpt = Annotated[list[str] | None, typer.Option(help="stop string besides EOS (repeatable)")]
+BatchOpt = Annotated[int, typer.Option(help="sequences decoded together")]
+DeviceOpt = Annotated[str, typer.Option(help="torch device: cpu or cuda")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (the checkpoint's), float32, bfloat16 or "
+                                            "float16")]
+ProgressOpt = Annotated[bool, typer.Option(help="show a progress bar")]
+AllowNegativeOpt = Annotated[bool, typer.Option(help="accept an alpha below 0")]
 
 
 @app.command("make-tiny-run")
@@ -640,24 +652,22 @@ def generate_cmd(
     to: Annotated[
         float | None, typer.Option(help="target step t: alpha = (t - A) / (B - A)")
     ] = None,
-    allow_negative: Annotated[bool, typer.Option(help="accept an alpha below 0")] = False,
+    allow_negative: AllowNegativeOpt = False,
     k: Annotated[int, typer.Option("-k", help="completions per prompt")] = 1,
-    temperature: Annotated[float, typer.Option(help="0 = greedy (argmax)")] = 0.6,
-    top_p: Annotated[float, typer.Option(help="nucleus sampling, in (0, 1]")] = 0.95,
-    top_k: Annotated[int, typer.Option(help="keep the k most likely tokens (0 = off)")] = 0,
+    temperature: TemperatureOpt = 0.6,
+    top_p: TopPOpt = 0.95,
+    top_k: TopKOpt = 0,
     max_new_tokens: int = 256,
-    seed: int = 0,
-    stop: Annotated[
-        list[str] | None, typer.Option(help="stop string besides EOS (repeatable)")
-    ] = None,
-    batch_size: Annotated[int, typer.Option(help="sequences decoded together")] = 32,
-    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="auto, float32 or bfloat16")] = "auto",
-    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    seed: SeedOpt = 0,
+    stop: StopOpt = None,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
+    progress: ProgressOpt = True,
 ) -> None:
     """Sample completions with one checkpoint, or with two by logits extrapolation (Eq. 1)."""
     from pipeline.console import print_table
-    from pipeline.outputs.generate import alpha_for_steps, generate_file
+    from pipeline.outputs.generate import generate_file, pair_alpha
     from pipeline.outputs.sampling import Sampling
 
     writing(out)
@@ -665,19 +675,10 @@ def generate_cmd(
         if alpha is not None or steps is not None or to is not None:
             raise PipelineError("--alpha, --steps and --to need --early (two checkpoints)")
         a = 1.0
-    elif alpha is not None:
-        if steps is not None or to is not None:
-            raise PipelineError("give either --alpha or --steps A B --to T, not both")
-        a = check_number(alpha, "--alpha")
-    elif steps is not None and to is not None:
-        for v, what in ((steps[0], "--steps"), (steps[1], "--steps"), (to, "--to")):
-            check_number(v, what)
-        a = check_number(alpha_for_steps(steps[0], steps[1], to), "alpha from --steps/--to")
     else:
-        raise PipelineError("--early needs --alpha A, or --steps A B with --to T")
-    if a < 0 and not allow_negative:
-        raise PipelineError(f"alpha {a:g} is negative (past the early checkpoint, away from "
-                            "the late one); pass --allow-negative to decode anyway")
+        for v in steps or ():
+            check_number(v, "--steps")
+        a, _ = pair_alpha(*(steps or (None, None)), alpha, to, allow_negative)
     sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k,
                         max_new_tokens=max_new_tokens, seed=seed, stop=tuple(stop or ()))
     ckpts = [late] if early is None else [early, late]
@@ -702,15 +703,15 @@ def probes_cmd(
     prompts: Annotated[Path, typer.Option(help="prompts JSONL ({\"prompt\": ...} per line)")],
     out: Annotated[Path, typer.Option(help="probes JSONL to write (atomically)")],
     k: Annotated[int, typer.Option("-k", help="responses per prompt")] = 4,
-    temperature: Annotated[float, typer.Option(help="0 = greedy (argmax)")] = 0.6,
-    top_p: Annotated[float, typer.Option(help="nucleus sampling, in (0, 1]")] = 0.95,
-    top_k: Annotated[int, typer.Option(help="keep the k most likely tokens (0 = off)")] = 0,
+    temperature: TemperatureOpt = 0.6,
+    top_p: TopPOpt = 0.95,
+    top_k: TopKOpt = 0,
     max_new_tokens: int = 256,
-    seed: int = 0,
-    batch_size: Annotated[int, typer.Option(help="sequences decoded together")] = 32,
-    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="auto, float32 or bfloat16")] = "auto",
-    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    seed: SeedOpt = 0,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
+    progress: ProgressOpt = True,
 ) -> None:
     """Sample fixed responses (probes) from one checkpoint, to teacher-force through others."""
     from pipeline.console import print_table
@@ -766,19 +767,20 @@ def eval_cmd(
         typer.Option(help="pair: training steps A B of the two models (default: from RUN@STEP "
                      "or the folder names)"),
     ] = None,
-    temperature: Annotated[float, typer.Option(help="0 = greedy (argmax)")] = 0.6,
-    top_p: Annotated[float, typer.Option(help="nucleus sampling, in (0, 1]")] = 0.95,
-    top_k: Annotated[int, typer.Option(help="0 = off")] = 0,
+    allow_negative: AllowNegativeOpt = False,
+    temperature: TemperatureOpt = 0.6,
+    top_p: TopPOpt = 0.95,
+    top_k: TopKOpt = 0,
     max_new_tokens: Annotated[
         int | None, typer.Option(help="generation budget (default: the task's)")
     ] = None,
-    stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
-    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    stop: StopOpt = None,
+    seed: SeedOpt = 0,
     n: Annotated[int | None, typer.Option("--n", help="only the first N problems")] = None,
-    batch_size: Annotated[int, typer.Option(help="sequences decoded together")] = 32,
-    device: Annotated[str, typer.Option(help="torch device, e.g. cpu, cuda")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16")] = "auto",
-    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
+    progress: ProgressOpt = True,
     catalog: CatalogOpt = None,
 ) -> None:
     """avg@k and pass@k (bootstrap 95% CIs) of a checkpoint, an exported model or a logits pair."""
@@ -792,7 +794,7 @@ def eval_cmd(
         check_int(n, "--n", 1)
     torch_dtype(dtype)
     refs = runner.with_steps([runner.resolve_model(m, catalog) for m in models], steps)
-    a, target = runner.pair_alpha(refs, alpha, to)
+    a, target = runner.pair_alpha(refs, alpha, to, allow_negative)
     the_task = get_task(task, [r.path for r in refs], catalog).head(n)
     sampling = check_sampling(Sampling(
         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop or ()),

@@ -195,6 +195,9 @@ def test_cli_eval_pair_needs_alpha_or_steps(tiny_run_fp32, tmp_path):
     assert r.exit_code == 2 and "--alpha or --to" in r.output
     r = _cli(b, a, "--to", "40", "--task", "heldout")
     assert r.exit_code == 2 and "early model first" in r.output
+    r = _cli(a, b, "--to", "10", "--task", "heldout", "--out", tmp_path / "neg")
+    assert r.exit_code == 2 and "alpha -1 is negative" in r.output
+    assert not (tmp_path / "neg").exists()
 
 
 def test_rows_decoder_draws_what_public_decode_draws(tiny_run_fp32):

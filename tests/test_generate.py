@@ -302,8 +302,9 @@ def test_generate_command_writes_decode_output(pair, tiny_run_linear, prompts_fi
 @pytest.mark.parametrize("args, needle", [
     (["--alpha", "-0.5"], "pass --allow-negative"),
     (["--steps", "100", "200", "--to", "50"], "alpha -0.5 is negative"),
-    (["--steps", "100", "200"], "--early needs --alpha A, or --steps A B with --to T"),
-    (["--alpha", "2", "--to", "300"], "either --alpha or --steps"),
+    (["--steps", "100", "200"], "give --alpha or --to (one of them)"),
+    (["--alpha", "2", "--to", "300"], "give --alpha or --to (one of them)"),
+    (["--steps", "200", "100", "--to", "300"], "give the early model first"),
     (["--steps", "100", "100", "--to", "300"], "two different steps"),
     (["--alpha", "2", "-k", "0"], "-k must be >= 1"),
     (["--alpha", "2", "--top-p", "0"], "--top-p must be > 0"),

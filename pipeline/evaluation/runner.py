@@ -102,15 +102,11 @@ def with_steps(models: list[ModelRef], steps: Sequence[int] | None) -> list[Mode
     return [ModelRef(m.path, int(s)) for m, s in zip(models, steps, strict=True)]
 
 
-def pair_alpha(models: Sequence[ModelRef], alpha: float | None, to: float | None
-               ) -> tuple[float, float | None]:
-    """(alpha, target step) of what is evaluated: Eq. 1's alpha from ``--to`` and the steps.
-
-    One model is its own decoding (alpha 1, target its step). Two models are
-    (early, late) and take exactly one of ``alpha`` and ``to``; ``to`` needs
-    both steps (from ``RUN@STEP`` or the folder names).
-    """
-    from pipeline.errors import check_number
+def pair_alpha(models: Sequence[ModelRef], alpha: float | None, to: float | None,
+               allow_negative: bool = False) -> tuple[float, float | None]:
+    """(alpha, target step) of what is evaluated: one model is its own decoding (alpha 1,
+    target its step); two are an (early, late) pair (``generate.pair_alpha``)."""
+    from pipeline.outputs.generate import pair_alpha as alpha_of_pair
 
     if len(models) == 1:
         if alpha is not None or to is not None:
@@ -118,23 +114,7 @@ def pair_alpha(models: Sequence[ModelRef], alpha: float | None, to: float | None
         return 1.0, None if models[0].step is None else float(models[0].step)
     if len(models) != 2:
         raise PipelineError(f"give one model, or two (early late), not {len(models)}")
-    if (alpha is None) == (to is None):
-        raise PipelineError("two models are a logits-extrapolation pair: give --alpha or --to "
-                            "(one of them)")
-    t0, t1 = models[0].step, models[1].step
-    if t0 is not None and t1 is not None and t0 >= t1:
-        raise PipelineError(f"give the early model first (steps {t0} then {t1})")
-    if to is not None:
-        to = check_number(to, "--to")
-        if t0 is None or t1 is None:
-            raise PipelineError("--to needs the steps of both models (name them RUN@STEP or "
-                                "keep global_step_N folder names), or give --alpha")
-        from pipeline.outputs.generate import alpha_for_steps
-
-        return alpha_for_steps(t0, t1, to), to
-    alpha = check_number(alpha, "--alpha")
-    target = None if t0 is None or t1 is None else t0 + alpha * (t1 - t0)
-    return alpha, target
+    return alpha_of_pair(models[0].step, models[1].step, alpha, to, allow_negative)
 
 
 def weights_fingerprint(folder: Path, sample_bytes: int = 1 << 20) -> str:

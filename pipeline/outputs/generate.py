@@ -37,7 +37,7 @@ from pipeline.outputs.models import LoadedModel, check_same_vocab
 from pipeline.outputs.sampling import Sampling, check_sampling, choose, uniforms
 
 __all__ = ["Completion", "LogitsExtrapolation", "Sampling", "alpha_for_steps", "decode",
-           "extrapolation_processors", "mix_logits"]
+           "extrapolation_processors", "mix_logits", "pair_alpha"]
 
 FINISH = ("eos", "stop", "length")
 COMPACT_FRACTION = 0.25  # drop finished rows from the caches once this share of a batch is done
@@ -69,6 +69,37 @@ def alpha_for_steps(a: float, b: float, t: float) -> float:
     if a == b:
         raise PipelineError(f"--steps must be two different steps, got {a:g} {b:g}")
     return (t - a) / (b - a)
+
+
+def pair_alpha(t0: float | None, t1: float | None, alpha: float | None, to: float | None,
+               allow_negative: bool = False) -> tuple[float, float | None]:
+    """(alpha, target step) of an (early, late) pair: from ``alpha``, or from ``to`` and steps.
+
+    Exactly one of ``alpha`` and ``to`` is given; ``to`` needs both steps. A
+    negative alpha walks away from the late model, past the early one: almost
+    always a mistake (swapped models or steps), so it needs ``allow_negative``.
+    """
+    if (alpha is None) == (to is None):
+        raise PipelineError("two models are a logits-extrapolation pair: give --alpha or --to "
+                            "(one of them)")
+    if t0 is not None and t1 is not None:
+        alpha_for_steps(t0, t1, t1)  # refuses equal steps
+        if t0 > t1:
+            raise PipelineError(f"give the early model first (steps {t0:g} then {t1:g})")
+    if to is not None:
+        to = check_number(to, "--to")
+        if t0 is None or t1 is None:
+            raise PipelineError("--to needs the steps of both models (--steps A B, RUN@STEP or "
+                                "global_step_N folder names), or give --alpha")
+        a = check_number(alpha_for_steps(t0, t1, to), "alpha from the steps and --to")
+        target: float | None = to
+    else:
+        a = check_number(alpha, "--alpha")
+        target = None if t0 is None or t1 is None else t0 + a * (t1 - t0)
+    if a < 0 and not allow_negative:
+        raise PipelineError(f"alpha {a:g} is negative (past the early checkpoint, away from "
+                            "the late one); pass --allow-negative to decode anyway")
+    return a, target
 
 
 def _eos_ids(m: LoadedModel) -> set[int]:
