@@ -121,6 +121,13 @@ def _not_compute_failed(record: object) -> bool:
     return not str(getattr(record, "msg", "")).startswith("Compute Failed")
 
 
+def _not_cancelled_at_close(record: object) -> bool:
+    """Drop "Async instruction ... ended with CancelledError": the worker's tasks being
+    cancelled because the client closed the cluster after a failure (its traceback of a
+    closed stream says nothing the client's one line has not)."""
+    return not str(getattr(record, "msg", "")).startswith("Async instruction for")
+
+
 def dask_setup(worker: object) -> None:
     """Dask worker preload (``distributed.worker.preload = ["pipeline.errors"]``).
 
@@ -131,3 +138,4 @@ def dask_setup(worker: object) -> None:
     import logging
 
     logging.getLogger("distributed.worker").addFilter(_not_compute_failed)
+    logging.getLogger("distributed.worker.state_machine").addFilter(_not_cancelled_at_close)
