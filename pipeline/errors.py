@@ -118,7 +118,10 @@ def check_output(out: str | Path, inputs: Iterable[Protected], *, replaces: bool
 
 
 def _not_compute_failed(record: object) -> bool:
-    return not str(getattr(record, "msg", "")).startswith("Compute Failed")
+    """Also drops the heartbeat error of a worker whose cluster is closing after a failure."""
+    msg = str(getattr(record, "msg", ""))
+    return not (msg.startswith("Compute Failed")
+                or msg.startswith("Failed to communicate with scheduler during heartbeat"))
 
 
 def _not_cancelled_at_close(record: object) -> bool:
