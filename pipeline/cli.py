@@ -135,7 +135,14 @@ def quiet_dask_workers() -> None:
     """
     if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
         return
+    import logging
+
     import dask
+    import distributed  # noqa: F401  (configures its loggers on import: set ours after)
+
+    # a lost scheduler becomes one error line (pipeline.compute.clusters); the client's own
+    # reconnect tracebacks would bury it
+    logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
 
     preload = list(dask.config.get("distributed.worker.preload", None) or [])
     if WORKER_PRELOAD not in preload:

@@ -25,6 +25,15 @@ class PipelineError(Exception):
         super().__init__(" ".join(text.split()))  # always one line
 
 
+class SchedulerLost(PipelineError):
+    """The Dask scheduler went away mid-job.
+
+    Its workers may still be running (and writing) the job's tasks, so what a
+    job would remove after another failure is left in place: the re-run on a
+    live scheduler resumes from it.
+    """
+
+
 def check_number(value: float, what: str, low: float | None = None,
                  high: float | None = None, low_open: bool = False) -> float:
     """``value`` as a float if finite and in [low, high] (``low_open``: (low, high]).

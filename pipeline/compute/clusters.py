@@ -30,7 +30,7 @@ from typing import Any
 
 import psutil
 
-from pipeline.errors import PipelineError, check_int
+from pipeline.errors import PipelineError, SchedulerLost, check_int
 
 SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
 CONFIG_KEY = "rlvr-lin"  # the cluster file's own section: rlvr-lin.cluster
@@ -163,7 +163,37 @@ def _address(spec: ClusterSpec) -> Iterator[Any]:
         raise PipelineError(f"cannot reach the Dask scheduler at {spec.address} "
                             f"(from {spec.origin}): {e}") from None
     with client:
-        yield client
+        try:
+            yield client
+        except Exception as e:
+            if not _scheduler_lost(client, e):
+                raise
+            raise SchedulerLost(f"lost the Dask scheduler at {spec.address} (from {spec.origin})"
+                                f" mid-job: {_first_line(e)}; what was committed is kept: re-run "
+                                "the command on a running scheduler to finish") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return " ".join(str(e).split("\n")[0].split()) or type(e).__name__
+
+
+def _scheduler_lost(client: Any, e: BaseException) -> bool:
+    """Whether ``e`` means the scheduler went away (not a task's own failure, e.g. a full disk).
+
+    A task's OSError reaches the client as that error, while the client is
+    still connected; a dead scheduler leaves the client reconnecting or closed
+    and the error chain holds a closed comm.
+    """
+    from distributed.comm.core import CommClosedError
+
+    cur: BaseException | None = e
+    seen: set[int] = set()
+    closed = False
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        closed = closed or isinstance(cur, CommClosedError | ConnectionError)
+        cur = cur.__cause__ or cur.__context__
+    return closed or client.status != "running"
 
 
 def local_workers(n_workers: int | None) -> int:

@@ -34,7 +34,7 @@ from typing import Any
 
 from pipeline.checkpoints.discover import Checkpoint, discover_checkpoints
 from pipeline.checkpoints.reader import CheckpointReader
-from pipeline.errors import PipelineError, check_int, check_number, check_output
+from pipeline.errors import PipelineError, SchedulerLost, check_int, check_number, check_output
 from pipeline.store.codec import DEFAULT_KEY_EVERY, reference
 from pipeline.store.integrity import (
     StoreLock,
@@ -590,6 +590,8 @@ def ingest(
                 ing = _Ingester(run_dir, store, c, opts, log)
                 hook = (lambda: after_commit(c)) if after_commit else None
                 _run(ing, store, watch, poll, settle, max_idle, until_step, hook)
+        except SchedulerLost:
+            raise  # orphaned workers may still write into the store: keep it for the re-run
         except BaseException:
             _discard_unfinished(lock, ing is not None and ing.created_layout)
             raise
