@@ -178,47 +178,18 @@ def run_fit(store: Path, workers: int, block_bytes: int, backend: str, threads: 
 
 
 def make_synthetic(out: Path, gb: float, n_steps: int = 12) -> Path:
-    """A bf16 run (Qwen2-like names) whose elements change by a few ULPs at random."""
-    import ml_dtypes
-    import numpy as np
-    from safetensors.numpy import save_file
+    """A bf16 random-walk run (Qwen2-like names) of about ``gb`` GB (``synthetic.py``)."""
+    from synthetic import Qwen2Shapes, write_random_walk
 
     per_step = gb * 1e9 / n_steps / 2  # bf16 elements per step
-    hidden = 512
-    inter = 1408
+    hidden, inter = 512, 1408
     layer_elems = 4 * hidden * hidden + 3 * hidden * inter
     # a quarter in the embeddings, the rest in layers: sizes scale by ~3 M elements
-    vocab = max(64, int(per_step * 0.25 / 2 / hidden))
-    n_layers = max(1, round(per_step * 0.75 / layer_elems))
-    rng = np.random.default_rng(0)
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden),
-              "model.norm.weight": (hidden,)}
-    for i in range(n_layers):
-        p = f"model.layers.{i}."
-        shapes.update({p + "self_attn.q_proj.weight": (hidden, hidden),
-                       p + "self_attn.k_proj.weight": (hidden, hidden),
-                       p + "self_attn.v_proj.weight": (hidden, hidden),
-                       p + "self_attn.o_proj.weight": (hidden, hidden),
-                       p + "mlp.gate_proj.weight": (inter, hidden),
-                       p + "mlp.up_proj.weight": (inter, hidden),
-                       p + "mlp.down_proj.weight": (hidden, inter),
-                       p + "input_layernorm.weight": (hidden,),
-                       p + "post_attention_layernorm.weight": (hidden,)})
-    cur = {k: (rng.standard_normal(s, dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
-           for k, s in shapes.items()}
-    for k in range(n_steps):
-        d = out / f"global_step_{10 * k}"
-        d.mkdir(parents=True, exist_ok=True)
-        save_file(cur, str(d / "model.safetensors"))
-        for name, v in cur.items():
-            bits = v.view(np.uint16)
-            moves = rng.integers(-1, 2, size=bits.shape, dtype=np.int16) * (
-                rng.random(bits.shape, dtype=np.float32) < 0.5)
-            nxt = bits.astype(np.int32) + moves
-            nxt = np.where((nxt & 0x7FFF) == 0x7FFF, bits, nxt)  # never step onto NaN/inf
-            nxt = np.where(np.abs(v.astype(np.float32)) < 1e-30, bits, nxt)  # nor across 0
-            cur[name] = nxt.astype(np.uint16).view(ml_dtypes.bfloat16)
-    return out
+    shapes = Qwen2Shapes(hidden=hidden, intermediate=inter,
+                         layers=max(1, round(per_step * 0.75 / layer_elems)),
+                         vocab=max(64, int(per_step * 0.25 / 2 / hidden)), heads=8, kv_heads=8,
+                         bias=False, tie=False)
+    return write_random_walk(out, shapes, n_steps)
 
 
 def measure_size(args: argparse.Namespace) -> dict:
