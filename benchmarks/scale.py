@@ -1,6 +1,6 @@
-"""Scale: ingest and fit a random-walk run with a 1.5B model's shapes at two sizes, per-worker memory.
+"""Scale: ingest and fit a random walk with 1.5B-model shapes at two sizes; memory per worker.
 
-    .venv/bin/python benchmarks/scale.py                       # 14 and 28 layers, 4 steps (~6 + 12 GB)
+    .venv/bin/python benchmarks/scale.py              # 14 and 28 layers, 4 steps (~6 + 12 GB)
     .venv/bin/python benchmarks/scale.py --layers 2 4 --steps 3  # a quick look
     .venv/bin/python benchmarks/scale.py --backends numba torch  # on a GPU machine: GPU vs CPU
 
@@ -180,7 +180,8 @@ def main() -> None:
         for r in results:
             units = r["steps"] * r["elements"]
             bu = base["steps"] * base["elements"]
-            cells = [f"ingest {r['ingest']['seconds'] / units / (base['ingest']['seconds'] / bu):.2f}"]
+            rel = r["ingest"]["seconds"] / units / (base["ingest"]["seconds"] / bu)
+            cells = [f"ingest {rel:.2f}"]
             cells += [f"fit {b} {f['seconds'] / units / (base['fit'][b]['seconds'] / bu):.2f}"
                       for b, f in r["fit"].items()]
             print(f"  {r['run']}: " + ", ".join(cells))

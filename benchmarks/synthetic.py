@@ -37,8 +37,10 @@ class Qwen2Shapes:
         out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab, h)}
         for n in range(self.layers):
             p = f"model.layers.{n}."
-            out.update({p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
-                        p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h)})
+            out.update({p + "self_attn.q_proj.weight": (h, h),
+                        p + "self_attn.k_proj.weight": (kv, h),
+                        p + "self_attn.v_proj.weight": (kv, h),
+                        p + "self_attn.o_proj.weight": (h, h)})
             if self.bias:
                 out.update({p + "self_attn.q_proj.bias": (h,), p + "self_attn.k_proj.bias": (kv,),
                             p + "self_attn.v_proj.bias": (kv,)})
