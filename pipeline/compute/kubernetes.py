@@ -460,17 +460,18 @@ def _reach_api(namespace: str | None, origin: str) -> str:
     import kr8s
 
     where = f"cluster kind 'kubernetes' (from {origin})"
+    kubeconfig = os.environ.get("KUBECONFIG")
     try:
-        api = kr8s.api(kubeconfig=os.environ.get("KUBECONFIG"), namespace=namespace)
+        api = kr8s.api(kubeconfig=kubeconfig, namespace=namespace)  # connects: version check
+        api.version()
     except ValueError as e:  # kr8s: "Unable to find valid credentials"
         raise PipelineError(f"{where}: no Kubernetes configuration found ($KUBECONFIG, "
                             f"~/.kube/config or an in-cluster service account): "
                             f"{_first_line(e)}") from None
-    try:
-        api.version()
     except Exception as e:  # httpx transport errors, kr8s.ServerError (401/403), TLS errors
-        raise PipelineError(f"{where}: the Kubernetes API server at {api.auth.server} does "
-                            f"not answer: {_first_line(e)}") from None
+        raise PipelineError(f"{where}: the Kubernetes API server of "
+                            f"{kubeconfig or '~/.kube/config'} does not answer: "
+                            f"{_first_line(e)}") from None
     return str(namespace or api.namespace)
 
 
