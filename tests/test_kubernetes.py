@@ -406,3 +406,34 @@ def test_kubernetes_cluster_file_options_are_checked(tmp_path: Path) -> None:
     with pytest.raises(PipelineError, match="unknown option 'worker-gpus' for cluster kind"), \
             dask_client(str(f)):
         pass
+
+
+# ---- the rest of workflows/k8s ---------------------------------------------------------------
+
+K8S_DIR = REPO / "workflows" / "k8s"
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_pvc_validates_and_is_the_claim_the_manifests_mount(version: str) -> None:
+    pvc = yaml.safe_load((K8S_DIR / "pvc.yaml").read_text())
+    kubernetes_validate.validate(pvc, version, strict=True)
+    job = yaml.safe_load((K8S_DIR / "daskjob.yaml").read_text())
+    (volume,) = job["spec"]["job"]["spec"]["volumes"]
+    assert volume["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    assert "ReadWriteMany" in pvc["spec"]["accessModes"]  # runner and workers on many nodes
+
+
+def test_readme_names_the_resources_the_operator_creates() -> None:
+    """Every resource name the README tells you to watch or delete exists for tiny-addition."""
+    cluster, job = manifest_names(ENTRY)
+    made = {cluster, job, f"{job}-runner", f"{job}-scheduler", f"{cluster}-scheduler"}
+    named = set(re.findall(r"rlvr-lin-tiny-addition[-a-z]*", (K8S_DIR / "README.md").read_text()))
+    assert named and named <= made, named - made
+
+
+def test_dockerfile_pins_the_torch_that_setup_pins() -> None:
+    pin = re.search(r"TORCH_SPEC:-([^}]+)\}", (REPO / "workflows" / "setup.sh").read_text())
+    docker = (K8S_DIR / "Dockerfile").read_text()
+    assert pin and f"ARG TORCH_SPEC={pin[1]}\n" in docker
+    # CPU torch before the project, so pip never resolves torch from PyPI's CUDA wheels
+    assert docker.index("download.pytorch.org/whl/cpu") < docker.index("pip install .")
