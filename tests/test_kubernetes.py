@@ -406,6 +406,35 @@ def test_kubernetes_cluster_file_options_are_checked(tmp_path: Path) -> None:
     with pytest.raises(PipelineError, match="unknown option 'worker-gpus' for cluster kind"), \
             dask_client(str(f)):
         pass
+    f.write_text("rlvr-lin:\n  cluster:\n    kind: kubernetes\n    env: [A=b]\n")
+    with pytest.raises(PipelineError, match="env must be a mapping") as e, dask_client(str(f)):
+        pass
+    assert str(e.value).startswith(str(f))  # a file's mistake names the file
+
+
+def test_cluster_file_reaches_the_pods(tmp_path: Path) -> None:
+    """A kind: kubernetes file sizes the pods, and its Dask settings reach them as DASK_*
+    variables that Dask itself reads back to the same values."""
+    import dask.config
+
+    from pipeline.compute.kubernetes import cluster_manifest, options_from_spec
+
+    f = tmp_path / "k8s.yaml"
+    f.write_text("rlvr-lin:\n  cluster:\n    kind: kubernetes\n    n-workers: 3\n"
+                 "    memory-limit: 6Gi\n    threads-per-worker: 2\n    image: me/rlvr:1\n"
+                 "    env: {HF_HOME: /data/hf}\n"
+                 "distributed:\n  worker:\n    memory:\n      target: 0.7\n"
+                 "      spill: false\n")
+    opts = options_from_spec(cluster_spec(str(f)))
+    (worker,) = cluster_manifest(opts, "probe")["spec"]["worker"]["spec"]["containers"]
+    args = _options(worker["args"])
+    assert (opts.workers, opts.image, args["--nthreads"]) == (3, "me/rlvr:1", "2")
+    assert int(args["--memory-limit"]) == parse_quantity(worker["resources"]["limits"]["memory"])
+    env = {e["name"]: e["value"] for e in worker["env"]}
+    assert env["HF_HOME"] == "/data/hf"
+    dask_env = {k: v for k, v in env.items() if k.startswith("DASK_")}
+    assert dask.config.collect_env(dask_env) == {
+        "distributed": {"worker": {"memory": {"target": 0.7, "spill": False}}}}
 
 
 # ---- the rest of workflows/k8s ---------------------------------------------------------------

@@ -425,9 +425,30 @@ _KIND_KEYS = {"name": "the DaskCluster's name (default rlvr-lin-<random>)",
               "resource-timeout": "seconds to wait for the operator (default 60)"}
 
 
+_TEXT_FIELDS = {f.name for f in dataclasses.fields(KubernetesOptions)
+                if f.type in ("str", "str | None")}
+
+
+def dask_env(config: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """Dotted Dask settings as the ``DASK_A__B__C`` variables Dask reads at start-up.
+
+    A cluster file's Dask section (``distributed.worker.memory.target: 0.7``)
+    is set in the client process only; in the pods it has to arrive as
+    environment, which Dask parses back with ``ast.literal_eval``.
+    """
+    return tuple((f"DASK_{key.upper().replace('.', '__').replace('-', '_')}", repr(value)
+                  if not isinstance(value, str) else value) for key, value in config.items())
+
+
 def options_from_spec(spec: ClusterSpec) -> KubernetesOptions:
-    """The pods a ``kind: kubernetes`` cluster spec asks for (``n-workers``, ``memory-limit``
-    and the option keys of ``KubernetesOptions`` spelled with '-'), checked."""
+    """The pods a ``kind: kubernetes`` cluster spec asks for, checked.
+
+    ``n-workers``, ``memory-limit`` and ``threads-per-worker`` (as the worker
+    CPU, unless ``worker-cpu`` is given) come from the spec's own fields; the
+    other keys are ``KubernetesOptions`` fields spelled with '-'; the file's
+    Dask settings reach every pod as environment (``dask_env``).
+    """
+    where = None if spec.origin.startswith(("-", "$")) else spec.origin  # a file: name it
     kw: dict[str, Any] = {}
     for key, value in spec.options.items():
         if key in _KIND_KEYS:
@@ -435,19 +456,30 @@ def options_from_spec(spec: ClusterSpec) -> KubernetesOptions:
         if key not in _FILE_KEYS:
             known = ", ".join(sorted([*_FILE_KEYS, *_KIND_KEYS]))
             raise PipelineError(f"unknown option {key!r} for cluster kind 'kubernetes' "
-                                f"(expected one of {known})",
-                                None if spec.origin.startswith(("-", "$")) else spec.origin)
-        kw[_FILE_KEYS[key]] = value
-    if isinstance(kw.get("env"), Mapping):
-        kw["env"] = tuple((str(k), str(v)) for k, v in kw["env"].items())
+                                f"(expected one of {known})", where)
+        field_name = _FILE_KEYS[key]
+        if field_name in _TEXT_FIELDS:
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                value = str(value)  # YAML reads `worker-cpu: 2` as a number
+            if value is not None and not isinstance(value, str):
+                raise PipelineError(f"cluster kind 'kubernetes': {key} must be a string, "
+                                    f"got {value!r}", where)
+        kw[field_name] = value
+    env = kw.pop("env", None) or {}
+    if not isinstance(env, Mapping):
+        raise PipelineError("cluster kind 'kubernetes': env must be a mapping NAME: value",
+                            where)
+    kw["env"] = (*dask_env(spec.dask_config), *((str(k), str(v)) for k, v in env.items()))
     if spec.n_workers is not None:
         kw["workers"] = spec.n_workers
     if spec.memory_limit is not None:
         kw["worker_memory"] = str(spec.memory_limit)
+    if "worker_cpu" not in kw and spec.threads_per_worker != 1:
+        kw["worker_cpu"] = str(spec.threads_per_worker)
     try:
         return KubernetesOptions(**kw).check()
-    except TypeError as e:
-        raise PipelineError(f"cluster kind 'kubernetes': {e}") from None
+    except PipelineError as e:
+        raise PipelineError(f"cluster kind 'kubernetes': {e}", where) from None
 
 
 def _reach_api(namespace: str | None, origin: str) -> str:
