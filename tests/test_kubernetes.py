@@ -96,9 +96,13 @@ def pruned_fields(obj: Any, schema: dict[str, Any], where: str = "") -> list[str
     return out
 
 
+@functools.cache
+def crd_validator(kind: str) -> jsonschema.Draft7Validator:
+    return jsonschema.Draft7Validator(crd_schema(kind))
+
+
 def assert_valid_custom_resource(manifest: dict[str, Any]) -> None:
-    schema = crd_schema(manifest["kind"])
-    jsonschema.Draft7Validator(schema).validate(manifest)
+    crd_validator(manifest["kind"]).validate(manifest)
     assert crd_pruned(manifest) == []
 
 
