@@ -935,6 +935,7 @@ def rl_extra_cmd(
                  for c in res.cycles])
     typer.echo(f"last model: {res.last_model}")
 
+
 def _k8s_default(option: str) -> Any:
     """A ``KubernetesOptions`` default, so --help shows the value the manifests get."""
     from pipeline.compute.kubernetes import KubernetesOptions

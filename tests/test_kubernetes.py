@@ -356,6 +356,9 @@ BAD = {
                                 "/srv"], "exactly one of a PVC name or a host path"),
     "bad env": (lambda t: [ENTRY, "--out", str(t / "o"), "--env", "NOVALUE"],
                 "--env must be KEY=VALUE"),
+    "namespace that is not a name": (
+        lambda t: [ENTRY, "--out", str(t / "o"), "--namespace", "My_NS"],
+        "namespace 'My_NS' is not a Kubernetes name"),
 }
 
 

@@ -107,10 +107,19 @@ def k8s_name(text: str, what: str = "name", max_len: int = MAX_CLUSTER_NAME_LEN)
     for its ``-scheduler`` service.
     """
     slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    if not slug or len(slug) > max_len or not _NAME.match(slug):
+    if not slug or len(slug) > max_len:
         raise PipelineError(f"{what} {text!r} does not make a Kubernetes name (lower-case "
                             f"letters, digits and '-', at most {max_len} characters)")
-    return slug
+    return check_name(slug, what, max_len)
+
+
+def check_name(text: str, what: str = "name", max_len: int = MAX_CLUSTER_NAME_LEN) -> str:
+    """``text`` if it already is an RFC 1123 label of at most ``max_len`` characters (names
+    the user typed, like a namespace, are refused rather than silently changed)."""
+    if not isinstance(text, str) or len(text) > max_len or not _NAME.match(text):
+        raise PipelineError(f"{what} {text!r} is not a Kubernetes name (lower-case letters, "
+                            f"digits and '-', at most {max_len} characters)")
+    return text
 
 
 @dataclass(frozen=True)
@@ -159,7 +168,7 @@ class KubernetesOptions:
             raise PipelineError(f"image pull policy must be Always, IfNotPresent or Never, "
                                 f"got {self.image_pull_policy!r}")
         if self.namespace is not None:
-            k8s_name(self.namespace, "namespace", 63)
+            check_name(self.namespace, "namespace", 63)
         if (self.pvc is None) == (self.host_path is None):
             raise PipelineError("the data volume needs exactly one of a PVC name or a host "
                                 "path")
@@ -309,7 +318,7 @@ def cluster_manifest(opts: KubernetesOptions, name: str,
                      entry: str | None = None) -> dict[str, Any]:
     """A ``DaskCluster`` named ``name``: scheduler + ``opts.workers`` workers, until deleted."""
     opts.check()
-    k8s_name(name, "cluster name")
+    check_name(name, "cluster name")
     return {
         "apiVersion": API_VERSION,
         "kind": "DaskCluster",
@@ -336,7 +345,7 @@ def job_manifest(opts: KubernetesOptions, entry: str, name: str) -> dict[str, An
     from pipeline.catalog import CATALOG_ENV
 
     opts.check()
-    k8s_name(name, "job name")
+    check_name(name, "job name")
     runner = {
         "restartPolicy": "Never",  # the operator reads the runner's Succeeded/Failed phase
         "containers": [{
