@@ -965,13 +965,13 @@ def k8s_manifests_cmd(
     = _k8s_default("job_memory"),
     pvc: Annotated[str | None, typer.Option(
         help="PersistentVolumeClaim (ReadWriteMany) holding the catalog, runs and outputs "
-             f"[default: {_k8s_default('pvc')}, unless --host-path]")] = None,
+             f"(default: {_k8s_default('pvc')}, unless --host-path)")] = None,
     host_path: Annotated[str | None, typer.Option(
         help="instead of --pvc: a folder on the node (single-node kind or minikube)")] = None,
     mount_path: Annotated[str, typer.Option(help="where the data volume is mounted in pods")]
     = _k8s_default("mount_path"),
     pod_catalog: Annotated[str | None, typer.Option(
-        help="the catalog file inside the pods [default: MOUNT_PATH/data_catalog.yaml]")]
+        help="the catalog file inside the pods (default: MOUNT_PATH/data_catalog.yaml)")]
     = None,
     env: Annotated[list[str] | None, typer.Option(
         help="KEY=VALUE for every container (repeatable)")] = None,
