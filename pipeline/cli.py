@@ -942,6 +942,75 @@ def rl_extra_cmd(
                  for c in res.cycles])
     typer.echo(f"last model: {res.last_model}")
 
+
+def _k8s_default(option: str) -> Any:
+    """A ``KubernetesOptions`` default, so --help shows the value the manifests get."""
+    from pipeline.compute.kubernetes import KubernetesOptions
+
+    return getattr(KubernetesOptions(), option)
+
+
+@app.command("k8s-manifests")
+@user_errors
+def k8s_manifests_cmd(
+    name: Annotated[str, typer.Argument(help="catalog entry the job analyzes")],
+    out: Annotated[Path, typer.Option(help="folder for daskcluster.yaml and daskjob.yaml")],
+    image: Annotated[str, typer.Option(help="image of every pod (workflows/k8s/Dockerfile)")]
+    = _k8s_default("image"),
+    namespace: Annotated[str | None, typer.Option(
+        help="namespace of the resources (default: kubectl's current one)")] = None,
+    workers: Annotated[int, typer.Option(help="Dask worker pods")] = _k8s_default("workers"),
+    worker_memory: Annotated[str, typer.Option(
+        help="memory of each worker pod (Kubernetes quantity: 4Gi, 512Mi, 4G); also its "
+             "dask worker --memory-limit")] = _k8s_default("worker_memory"),
+    worker_cpu: Annotated[str, typer.Option(
+        help="CPU of each worker pod (1, 2, 500m); its whole cores are the worker's threads")]
+    = _k8s_default("worker_cpu"),
+    scheduler_memory: Annotated[str, typer.Option(help="memory of the scheduler pod")]
+    = _k8s_default("scheduler_memory"),
+    job_memory: Annotated[str, typer.Option(help="memory of the job runner pod")]
+    = _k8s_default("job_memory"),
+    pvc: Annotated[str | None, typer.Option(
+        help="PersistentVolumeClaim (ReadWriteMany) holding the catalog, runs and outputs "
+             f"(default: {_k8s_default('pvc')}, unless --host-path)")] = None,
+    host_path: Annotated[str | None, typer.Option(
+        help="instead of --pvc: a folder on the node (single-node kind or minikube)")] = None,
+    mount_path: Annotated[str, typer.Option(help="where the data volume is mounted in pods")]
+    = _k8s_default("mount_path"),
+    pod_catalog: Annotated[str | None, typer.Option(
+        help="the catalog file inside the pods (default: MOUNT_PATH/data_catalog.yaml)")]
+    = None,
+    env: Annotated[list[str] | None, typer.Option(
+        help="KEY=VALUE for every container (repeatable)")] = None,
+    catalog: CatalogOpt = None,
+) -> None:
+    """Write the dask-kubernetes operator's DaskCluster and DaskJob for a catalog entry."""
+    from pipeline.catalog import resolve
+    from pipeline.compute.kubernetes import (
+        KubernetesOptions,
+        describe,
+        parse_env,
+        write_manifests,
+    )
+    from pipeline.console import print_table
+
+    writing(out)
+    if resolve(name, catalog).entry is None:
+        raise PipelineError(f"{name!r} is a path, not a catalog entry name: the job finds its "
+                            "run through the catalog on the data volume")
+    opts = KubernetesOptions(
+        image=image, namespace=namespace, workers=workers, worker_memory=worker_memory,
+        worker_cpu=worker_cpu, scheduler_memory=scheduler_memory, job_memory=job_memory,
+        pvc=pvc if pvc is not None or host_path is not None else _k8s_default("pvc"),
+        host_path=host_path, mount_path=mount_path, catalog=pod_catalog,
+        env=parse_env(env or []))
+    written = write_manifests(name, opts, out)
+    print_table(f"Kubernetes manifests for {name} in {out}", ["file", "resource", "starts"],
+                [[p.name, f"{m['kind']}/{m['metadata']['name']}", describe(m)]
+                 for p, m in written])
+    typer.echo(f"kubectl apply -f {written[-1][0]}  (see docs/kubernetes.md)")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app(prog_name="rlvr-lin")
 

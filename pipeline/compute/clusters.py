@@ -244,11 +244,20 @@ def _local_cuda(spec: ClusterSpec) -> Iterator[Any]:
         yield client
 
 
+def _kubernetes(spec: ClusterSpec) -> AbstractContextManager[Any]:
+    """A DaskCluster made by the dask-kubernetes operator (pipeline.compute.kubernetes); the
+    import waits until the kind is used, so dask-kubernetes stays optional."""
+    from pipeline.compute.kubernetes import kubernetes_cluster
+
+    return kubernetes_cluster(spec)
+
+
 ClusterFactory = Callable[[ClusterSpec], AbstractContextManager[Any]]
 CLUSTER_KINDS: dict[str, ClusterFactory] = {
     "local": _local,
     "address": _address,
     "local-cuda": _local_cuda,
+    "kubernetes": _kubernetes,
 }
 
 
