@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import dask
 import distributed  # noqa: F401  (registers its config defaults)
@@ -125,3 +126,68 @@ def test_executor_registry():
         assert ex.name == "serial"
     with pytest.raises(PipelineError, match="unknown executor 'warp'"):
         open_executor("warp")
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "workflows" / "clusters").glob("*.yaml"))
+
+
+def test_every_example_cluster_file_is_valid():
+    """workflows/clusters/ holds one example per kind users start from; each must load."""
+    kinds = {}
+    for f in EXAMPLES:
+        spec = cluster_spec(str(f))
+        assert spec.origin == str(f)
+        kinds[f.stem] = spec.kind
+    assert kinds == {"local": "local", "address": "address", "slurm": "slurm",
+                     "tls": "address"}
+    tls = cluster_spec(str(EXAMPLES[[f.stem for f in EXAMPLES].index("tls")]))
+    assert tls.address.startswith("tls://")
+    assert {"distributed.comm.tls.ca-file", "distributed.comm.tls.client.cert",
+            "distributed.comm.tls.client.key"} <= set(tls.dask_config)
+
+
+def test_plain_dask_jobqueue_config_means_slurm(tmp_path):
+    f = tmp_path / "jq.yaml"
+    f.write_text("jobqueue:\n  slurm:\n    cores: 2\n    memory: 4GB\n")
+    s = cluster_spec(str(f))
+    assert s.kind == "slurm"
+    assert s.dask_config == {"jobqueue.slurm.cores": 2, "jobqueue.slurm.memory": "4GB"}
+    assert cluster_spec("slurm", n_workers=3).n_workers == 3  # the kind by name
+
+
+def test_unknown_slurm_option_is_refused_before_any_job(tmp_path):
+    pytest.importorskip("dask_jobqueue")
+    f = tmp_path / "s.yaml"
+    f.write_text("rlvr-lin: {cluster: {kind: slurm, core: 4, memory: 1GB}}\n")
+    with pytest.raises(PipelineError, match="unknown slurm option 'core'") as e:
+        with dask_client(str(f)):
+            pass
+    assert str(f) in str(e.value) and "cores" in str(e.value)
+
+
+def test_scheduler_file_means_that_scheduler(tmp_path):
+    """``--cluster scheduler.json`` and ``scheduler-file:`` in a cluster file both connect."""
+    from distributed import LocalCluster
+
+    sf = tmp_path / "scheduler.json"
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=":0", scheduler_kwargs={"scheduler_file": str(sf)}
+                      ) as cluster:
+        assert cluster_spec(str(sf)).kind == "address"
+        with dask_client(str(sf)) as client:
+            assert client.scheduler.address == cluster.scheduler_address
+        (tmp_path / "sub").mkdir()
+        f = tmp_path / "sub" / "c.yaml"
+        f.write_text("rlvr-lin: {cluster: {scheduler-file: ../scheduler.json}}\n")
+        with dask_client(str(f)) as client:
+            assert client.scheduler.address == cluster.scheduler_address
+            assert client.submit(_square_pid, 3).result()[0] == 9
+    sf.write_text("{not json")
+    with pytest.raises(PipelineError, match="scheduler file is not JSON"):
+        with dask_client(str(sf)):
+            pass
+    missing = tmp_path / "never.json"
+    f.write_text(f"rlvr-lin: {{cluster: {{scheduler-file: {missing}, timeout: 0.5s}}}}\n")
+    with pytest.raises(PipelineError, match="did not appear within 0.5s"):
+        with dask_client(str(f)):
+            pass
