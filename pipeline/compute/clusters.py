@@ -228,6 +228,13 @@ def _address(spec: ClusterSpec) -> Iterator[Any]:
     except OSError as e:
         raise PipelineError(f"cannot reach the Dask scheduler at {address} "
                             f"(from {spec.origin}): {e}") from None
+    except TypeError as e:  # distributed's word for "tls:// but no certificates configured"
+        if not address.startswith("tls://") or "ssl_context" not in str(e):
+            raise
+        raise PipelineError(f"cannot reach the Dask scheduler at {address} (from "
+                            f"{spec.origin}): a tls:// scheduler needs distributed.comm.tls "
+                            f"ca-file, client.cert and client.key (see "
+                            f"workflows/clusters/tls.yaml)") from None
     with client:
         yield client
 
