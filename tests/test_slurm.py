@@ -183,3 +183,20 @@ def test_scancel_of_a_worker_job_mid_fit(slurm, jobs, store, local_fit,  # noqa:
     assert read_meta(result["rep"].fit_dir)["complete"]
     again = ingest(tiny_run_fp32, store, client=client, progress=False)  # the store is intact:
     assert again.ingested == [] and again.skipped == again.steps  # every step verified, kept
+
+
+@pytest.mark.slow
+def test_analyze_on_slurm(slurm, jobs, tiny_run_fp32, tmp_path):  # noqa: F811
+    """The whole workflow with a SLURM cluster file; runs after the scancel test, on the core
+    the cancelled job freed."""
+    from pipeline.analyze import analyze
+
+    f = cluster_file(tmp_path, "analyze", 1, timeout="120s")
+    stages = analyze(tiny_run_fp32, str(f), store=tmp_path / "run.zarr",
+                     outputs=tmp_path / "out")
+    assert [s.stage for s in stages] == ["ingest", "fit", "report", "extrapolate"]
+    serial = fit_store(tmp_path / "run.zarr", tmp_path / "serial.fit", executor="serial",
+                       progress=False)
+    assert_same_fit(serial.fit_dir, tmp_path / "out" / "fit", csv=True)
+    assert (tmp_path / "out" / "report" / "index.html").exists()
+    assert any((tmp_path / "out").glob("extrapolated-*/config.json"))
