@@ -166,9 +166,10 @@ def number(value: float | None, what: str, low: float | None = None,
 Scheduler = Annotated[
     str | None,
     typer.Option("--cluster", "--scheduler",
-                 help="where Dask work runs: a scheduler address (tcp://host:port), a cluster "
-                 "file (YAML, see docs/clusters.md) or a kind (local, local-cuda); "
-                 "default: a LocalCluster sized to the machine",
+                 help="where Dask work runs: a scheduler address (tcp://host:port), a Dask "
+                 "scheduler file (scheduler.json), a cluster file (YAML, see docs/clusters.md) "
+                 "or a kind (local, local-cuda, slurm, kubernetes); default: a LocalCluster "
+                 "sized to the machine",
                  envvar="DASK_SCHEDULER_ADDRESS"),
 ]
 CatalogOpt = Annotated[
@@ -1010,6 +1011,35 @@ def k8s_manifests_cmd(
                  for p, m in written])
     typer.echo(f"kubectl apply -f {written[-1][0]}  (see docs/kubernetes.md)")
 
+@app.command("analyze")
+@user_errors
+def analyze_cmd(
+    run: Annotated[str, typer.Argument(help="catalog entry name, or a run directory")],
+    store: Annotated[
+        Path | None, typer.Option(help="zarr store (default: the catalog's, or RUN.zarr)")
+    ] = None,
+    outputs: Annotated[
+        Path | None,
+        typer.Option(help="fit, report and exports (default: the catalog's, or RUN.analysis)"),
+    ] = None,
+    method: Annotated[
+        MethodName,  # type: ignore[valid-type]
+        typer.Option(help="extrapolation method to export: " + METHOD_HELP),
+    ] = MethodName(registry.DEFAULT_METHOD),
+    progress: ProgressOpt = False,
+    catalog: CatalogOpt = None,
+    scheduler: Scheduler = None,
+) -> None:
+    """Ingest, fit, report and extrapolate a run on one cluster; re-running redoes only what
+    changed."""
+    from pipeline.analyze import analysis_paths, analyze, print_summary
+
+    writing(analysis_paths(run, catalog, store, outputs).outputs)
+    quiet_dask_workers()
+    stages = analyze(run, scheduler, catalog, store=store, outputs=outputs,
+                     method=method.value, progress=progress,
+                     log=lambda m: typer.echo(m, err=True))
+    print_summary(stages, f"Analysis of {run}")
 
 def main() -> None:  # pragma: no cover - console entry point
     app(prog_name="rlvr-lin")

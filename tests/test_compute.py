@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import dask
 import distributed  # noqa: F401  (registers its config defaults)
@@ -125,3 +126,148 @@ def test_executor_registry():
         assert ex.name == "serial"
     with pytest.raises(PipelineError, match="unknown executor 'warp'"):
         open_executor("warp")
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "workflows" / "clusters").glob("*.yaml"))
+
+
+def test_every_example_cluster_file_is_valid():
+    """workflows/clusters/ holds one example per kind users start from; each must load."""
+    kinds = {}
+    for f in EXAMPLES:
+        spec = cluster_spec(str(f))
+        assert spec.origin == str(f)
+        kinds[f.stem] = spec.kind
+    assert kinds == {"local": "local", "address": "address", "slurm": "slurm",
+                     "tls": "address"}
+    tls = cluster_spec(str(EXAMPLES[[f.stem for f in EXAMPLES].index("tls")]))
+    assert tls.address.startswith("tls://")
+    assert {"distributed.comm.tls.ca-file", "distributed.comm.tls.client.cert",
+            "distributed.comm.tls.client.key"} <= set(tls.dask_config)
+
+
+def test_plain_dask_jobqueue_config_means_slurm(tmp_path):
+    f = tmp_path / "jq.yaml"
+    f.write_text("jobqueue:\n  slurm:\n    cores: 2\n    memory: 4GB\n")
+    s = cluster_spec(str(f))
+    assert s.kind == "slurm"
+    assert s.dask_config == {"jobqueue.slurm.cores": 2, "jobqueue.slurm.memory": "4GB"}
+    assert cluster_spec("slurm", n_workers=3).n_workers == 3  # the kind by name
+
+
+def test_unknown_slurm_option_is_refused_before_any_job(tmp_path):
+    pytest.importorskip("dask_jobqueue")
+    f = tmp_path / "s.yaml"
+    f.write_text("rlvr-lin: {cluster: {kind: slurm, core: 4, memory: 1GB}}\n")
+    with pytest.raises(PipelineError, match="unknown slurm option 'core'") as e:
+        with dask_client(str(f)):
+            pass
+    assert str(f) in str(e.value) and "cores" in str(e.value)
+
+
+def test_scheduler_file_means_that_scheduler(tmp_path):
+    """``--cluster scheduler.json`` and ``scheduler-file:`` in a cluster file both connect."""
+    from distributed import LocalCluster
+
+    sf = tmp_path / "scheduler.json"
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=":0", scheduler_kwargs={"scheduler_file": str(sf)}
+                      ) as cluster:
+        assert cluster_spec(str(sf)).kind == "address"
+        with dask_client(str(sf)) as client:
+            assert client.scheduler.address == cluster.scheduler_address
+        (tmp_path / "sub").mkdir()
+        f = tmp_path / "sub" / "c.yaml"
+        f.write_text("rlvr-lin: {cluster: {scheduler-file: ../scheduler.json}}\n")
+        with dask_client(str(f)) as client:
+            assert client.scheduler.address == cluster.scheduler_address
+            assert client.submit(_square_pid, 3).result()[0] == 9
+    sf.write_text("{not json")
+    with pytest.raises(PipelineError, match="scheduler file is not JSON"):
+        with dask_client(str(sf)):
+            pass
+    missing = tmp_path / "never.json"
+    f.write_text(f"rlvr-lin: {{cluster: {{scheduler-file: {missing}, timeout: 0.5s}}}}\n")
+    with pytest.raises(PipelineError, match="did not appear within 0.5s"):
+        with dask_client(str(f)):
+            pass
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A self-signed cert (and its key) for 127.0.0.1: the CA, scheduler, worker and client."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rlvr-lin test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_pem, key_pem = folder / "cert.pem", folder / "key.pem"
+    cert_pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_pem.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    key_pem.chmod(0o600)
+    return cert_pem, key_pem
+
+
+def test_fit_through_a_tls_scheduler(tmp_path, tiny_run_fp32):
+    """``dask scheduler`` + ``dask worker`` with TLS, reached through a cluster file like
+    workflows/clusters/tls.yaml (scheduler file + distributed.comm.tls.*): the fit equals a
+    serial one, and a client without the certificates is refused."""
+    import subprocess
+    import sys
+
+    from fit_checks import assert_same_fit
+
+    from pipeline.fit import fit_store
+    from pipeline.store.ingest import ingest
+
+    cert, key = _self_signed(tmp_path)
+    tls = ["--tls-ca-file", str(cert), "--tls-cert", str(cert), "--tls-key", str(key)]
+    sf = tmp_path / "scheduler.json"
+    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler",
+                               "--protocol", "tls", "--host", "127.0.0.1", "--port", "0",
+                               "--dashboard-address", ":0", "--scheduler-file", str(sf), *tls],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", str(sf),
+             "--nworkers", "1", "--nthreads", "1", "--memory-limit", "1.5GB",
+             "--no-dashboard", *tls], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        f = tmp_path / "tls.yaml"
+        f.write_text(f"rlvr-lin:\n  cluster:\n    scheduler-file: {sf.name}\n    timeout: 60s\n"
+                     f"distributed:\n  comm:\n    require-encryption: true\n    tls:\n"
+                     f"      ca-file: {cert}\n      client:\n        cert: {cert}\n"
+                     f"        key: {key}\n")
+        store = tmp_path / "run.zarr"
+        with dask_client(str(f)) as client:
+            assert client.scheduler.address.startswith("tls://127.0.0.1:")
+            client.wait_for_workers(1, timeout=60)
+            ingest(tiny_run_fp32, store, client=client, progress=False)
+            tls_fit = fit_store(store, tmp_path / "tls.fit", client=client, progress=False)
+            assert tls_fit.tasks >= 1
+        serial = fit_store(store, tmp_path / "serial.fit", executor="serial", progress=False)
+        assert_same_fit(serial.fit_dir, tls_fit.fit_dir, csv=True)
+        plain = tmp_path / "plain.yaml"  # the same scheduler, no certificates: refused
+        plain.write_text(f"rlvr-lin: {{cluster: {{scheduler-file: {sf}, timeout: 3s}}}}\n")
+        with pytest.raises(PipelineError, match="cannot reach the Dask scheduler at tls://"):
+            with dask_client(str(plain)):
+                pass
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            p.wait(30)

@@ -7,13 +7,19 @@ $DASK_SCHEDULER_ADDRESS), picks a *kind* of cluster from ``CLUSTER_KINDS``:
   thread each, a memory limit per worker);
 * an address (``tcp://host:port``, ``tls://...``, ``inproc://...``): an
   existing scheduler, left running on exit;
+* a scheduler file (``.json``, as ``dask scheduler --scheduler-file`` writes
+  it): that scheduler's address, read when the client connects (waiting for
+  the file to appear, as a batch script that starts the scheduler needs);
 * a YAML file: a *cluster file*. Its ``rlvr-lin.cluster`` mapping names the
   kind and its options (``kind: local``, ``n-workers: 4``, ...; or
   ``kind: address`` with ``address:`` and an optional connect ``timeout``);
   everything else in the file is Dask configuration
   (``distributed.worker.memory.target``, ...), applied while the client
   lives, as ``dask.config`` would read it from ~/.config/dask. A file with
-  only Dask's own ``scheduler-address`` key means that address.
+  only Dask's own ``scheduler-address`` key means that address, one with a
+  ``scheduler-file`` key (top level or in ``rlvr-lin.cluster``) that file's
+  scheduler, and one with a ``jobqueue.slurm`` section and no kind means
+  ``kind: slurm`` (see ``pipeline.compute.slurm``).
 
 A new kind (SLURM, Kubernetes, CUDA workers) is one entry in ``CLUSTER_KINDS``:
 a function from a ``ClusterSpec`` to a context manager yielding a client.
@@ -53,6 +59,8 @@ class ClusterSpec:
 
     def describe(self) -> str:
         where = self.address if self.kind == "address" else self.kind
+        if self.kind == "address" and self.address is None:
+            where = f"the scheduler in {self.options.get(SCHEDULER_FILE_KEY)}"
         return f"{where} (from {self.origin})"
 
 
@@ -68,7 +76,18 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+SCHEDULER_FILE_KEY = "scheduler-file"
 _SPEC_KEYS = {"kind", "address", "n-workers", "threads-per-worker", "memory-limit"}
+
+
+def _default_kind(data: Mapping[str, Any], address: object, scheduler_file: object) -> str:
+    """The kind a file means when it names none: a scheduler it points at, SLURM, or local."""
+    if address or scheduler_file:
+        return "address"
+    jobqueue = data.get("jobqueue")
+    if isinstance(jobqueue, Mapping) and isinstance(jobqueue.get("slurm"), Mapping):
+        return "slurm"
+    return "local"
 
 
 def _from_file(path: Path) -> ClusterSpec:
@@ -92,13 +111,20 @@ def _from_file(path: Path) -> ClusterSpec:
         raise PipelineError(f"{CONFIG_KEY}.cluster must be a mapping", path)
     cl = dict(own.get("cluster") or {})
     address = data.pop("scheduler-address", None) or data.pop("scheduler_address", None)
-    kind = str(cl.get("kind") or ("address" if (cl.get("address") or address) else "local"))
+    sched_file = cl.pop(SCHEDULER_FILE_KEY, None) or data.pop(SCHEDULER_FILE_KEY, None)
+    address = cl.get("address") or address
+    kind = str(cl.get("kind") or _default_kind(data, address, sched_file))
     if kind not in CLUSTER_KINDS:
         raise PipelineError(f"unknown cluster kind {kind!r} (expected one of "
                             f"{', '.join(sorted(CLUSTER_KINDS))})", path)
-    address = cl.get("address") or address
-    if kind == "address" and not address:
-        raise PipelineError("cluster kind 'address' needs an address: tcp://host:port", path)
+    if sched_file and (kind != "address" or address):
+        raise PipelineError("scheduler-file means kind 'address' and no address: give one "
+                            "of address and scheduler-file", path)
+    if sched_file:  # relative to the cluster file, which is where the user wrote it
+        cl[SCHEDULER_FILE_KEY] = str(path.parent / Path(str(sched_file)).expanduser())
+    if kind == "address" and not (address or sched_file):
+        raise PipelineError("cluster kind 'address' needs an address (tcp://host:port) or a "
+                            "scheduler-file", path)
     n_workers = cl.get("n-workers")
     threads = cl.get("threads-per-worker", 1)
     try:
@@ -134,9 +160,12 @@ def cluster_spec(cluster: str | None = None, n_workers: int | None = None,
         return ClusterSpec(n_workers=n_workers, memory_limit=memory_limit,
                            threads_per_worker=threads_per_worker)
     cluster = str(cluster).strip()
-    if cluster.startswith(ADDRESS_SCHEMES) or (":" in cluster and not Path(cluster).exists()
-                                               and not cluster.endswith((".yaml", ".yml"))):
+    if cluster.startswith(ADDRESS_SCHEMES) or (
+            ":" in cluster and not Path(cluster).exists()
+            and not cluster.endswith((".yaml", ".yml", ".json"))):
         return ClusterSpec(kind="address", address=cluster, origin=origin)
+    if cluster.endswith(".json"):  # Dask's scheduler file: read on connect (it may not exist yet)
+        return ClusterSpec(kind="address", options={SCHEDULER_FILE_KEY: cluster}, origin=origin)
     if cluster in CLUSTER_KINDS and cluster != "address":
         return ClusterSpec(kind=cluster, n_workers=n_workers, memory_limit=memory_limit,
                            threads_per_worker=threads_per_worker, origin=origin)
@@ -149,26 +178,70 @@ def cluster_spec(cluster: str | None = None, n_workers: int | None = None,
             spec = ClusterSpec(**{**spec.__dict__, "n_workers": n_workers})
         return spec
     raise PipelineError(f"--cluster {cluster!r} is not a scheduler address (tcp://host:port), "
-                        f"a cluster file (.yaml) or a cluster kind "
+                        f"a cluster file (.yaml), a scheduler file (.json) or a cluster kind "
                         f"({', '.join(k for k in sorted(CLUSTER_KINDS) if k != 'address')})")
+
+
+def read_scheduler_file(path: str | Path, timeout: float) -> str:
+    """The ``address`` in Dask's scheduler file, waiting ``timeout`` s for the file to appear.
+
+    A batch script starts ``dask scheduler --scheduler-file F &`` and the job
+    right after: the file lands a few seconds later.
+    """
+    import json
+    import time
+
+    path = Path(path)
+    deadline = time.monotonic() + timeout
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"scheduler file did not appear within {timeout:g}s "
+                            f"(is `dask scheduler --scheduler-file {path}` running?)",
+                            path) from None
+    except OSError as e:
+        raise PipelineError(f"cannot read scheduler file: {e.strerror or e}", path) from None
+    except ValueError:
+        raise PipelineError("scheduler file is not JSON (expected Dask's scheduler file, "
+                            "as `dask scheduler --scheduler-file` writes it)", path) from None
+    address = data.get("address") if isinstance(data, dict) else None
+    if not isinstance(address, str) or not address:
+        raise PipelineError("scheduler file has no \"address\" (expected Dask's scheduler "
+                            "file)", path)
+    return address
 
 
 @contextmanager
 def _address(spec: ClusterSpec) -> Iterator[Any]:
+    from dask.utils import parse_timedelta
     from distributed import Client
 
+    timeout = spec.options.get("timeout", "30s")
+    address = spec.address
+    if address is None:
+        address = read_scheduler_file(spec.options[SCHEDULER_FILE_KEY],
+                                      parse_timedelta(timeout, default="s"))
     try:
-        client = Client(spec.address, timeout=spec.options.get("timeout", "30s"))
+        client = Client(address, timeout=timeout)
     except OSError as e:
-        raise PipelineError(f"cannot reach the Dask scheduler at {spec.address} "
+        raise PipelineError(f"cannot reach the Dask scheduler at {address} "
                             f"(from {spec.origin}): {e}") from None
+    except TypeError as e:  # distributed's word for "tls:// but no certificates configured"
+        if not address.startswith("tls://") or "ssl_context" not in str(e):
+            raise
+        raise PipelineError(f"cannot reach the Dask scheduler at {address} (from "
+                            f"{spec.origin}): a tls:// scheduler needs distributed.comm.tls "
+                            f"ca-file, client.cert and client.key (see "
+                            f"workflows/clusters/tls.yaml)") from None
     with client:
         try:
             yield client
         except Exception as e:
             if not _scheduler_lost(client, e):
                 raise
-            raise SchedulerLost(f"lost the Dask scheduler at {spec.address} (from {spec.origin})"
+            raise SchedulerLost(f"lost the Dask scheduler at {address} (from {spec.origin})"
                                 f" mid-job: {_first_line(e)}; what was committed is kept: re-run "
                                 "the command on a running scheduler to finish") from None
 
@@ -252,12 +325,20 @@ def _kubernetes(spec: ClusterSpec) -> AbstractContextManager[Any]:
     return kubernetes_cluster(spec)
 
 
+def _slurm(spec: ClusterSpec) -> AbstractContextManager[Any]:
+    """dask-jobqueue's SLURMCluster (imported on use: most runs never need it)."""
+    from pipeline.compute.slurm import slurm_cluster
+
+    return slurm_cluster(spec)
+
+
 ClusterFactory = Callable[[ClusterSpec], AbstractContextManager[Any]]
 CLUSTER_KINDS: dict[str, ClusterFactory] = {
     "local": _local,
     "address": _address,
     "local-cuda": _local_cuda,
     "kubernetes": _kubernetes,
+    "slurm": _slurm,
 }
 
 
