@@ -70,7 +70,8 @@ class StageResult:
 
 def write_run_report(store: str | Path, fit_dir: str | Path, out: str | Path,
                      outputs: str | Path | None = None, *, backtest: bool = True,
-                     paper_filters: bool = False, n_samples: int = 6) -> Path:
+                     paper_filters: bool = False, n_samples: int = 6,
+                     progress: bool = False) -> Path:
     """The ``report`` command's page: fit figures, the backtest, and token panels if any.
 
     ``outputs`` is the run's outputs folder: a token fit there (from
@@ -86,7 +87,7 @@ def write_run_report(store: str | Path, fit_dir: str | Path, out: str | Path,
         from pipeline.extrapolate.backtest import backtest_to_folder
         from pipeline.extrapolate.sources import StoreSource
 
-        _, _, png = backtest_to_folder(StoreSource(store), out, progress=False)
+        _, _, png = backtest_to_folder(StoreSource(store), out, progress=progress)
         extra.append(("Backtest: predicted vs real weights", png))
     tokens_store = Path(outputs) / "logprobs.zarr" if outputs is not None else None
     if tokens_store is not None and tokens_store.is_dir():

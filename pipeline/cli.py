@@ -425,32 +425,16 @@ def report_cmd(
     catalog: CatalogOpt = None,
 ) -> None:
     """Write a self-contained HTML report (histograms, null, heatmap, trajectories, backtest)."""
-    from pipeline.fit.results import FitResult, fit_dir_for
-    from pipeline.report.html import check_report_out, write_report
+    from pipeline.analyze import write_run_report
+    from pipeline.fit.results import fit_dir_for
 
     check_int(samples, "--samples", 0)
     store_path, outputs = _store_and_outputs(store, catalog)
     fit_dir = fit or (outputs / "fit" if outputs is not None else fit_dir_for(store_path))
     out = out or fit_dir / "report"
     writing(out)
-    FitResult(fit_dir)  # no fit, no report: fail before the backtest writes anything
-    check_report_out(store_path, fit_dir, out)
-    extra = []
-    if backtest:
-        from pipeline.extrapolate.backtest import backtest_to_folder
-        from pipeline.extrapolate.sources import StoreSource
-
-        _, _, png = backtest_to_folder(StoreSource(store_path), out)
-        extra.append(("Backtest: predicted vs real weights", png))
-    if outputs is not None and (outputs / "logprobs.zarr").is_dir():  # `logprobs` ran: its panels
-        from pipeline.outputs.token_fit import open_token_fit
-        from pipeline.report.tokens import write_token_panels
-
-        tokens = open_token_fit(outputs / "logprobs.zarr", outputs / "logprobs.fit")
-        if tokens is not None:
-            extra += write_token_panels(outputs / "logprobs.zarr", tokens, out)
-    page = write_report(store_path, fit_dir, out, paper_filters=paper_filters,
-                        n_samples=samples, extra_images=extra)
+    page = write_run_report(store_path, fit_dir, out, outputs, backtest=backtest,
+                            paper_filters=paper_filters, n_samples=samples, progress=True)
     typer.echo(f"report: {page}")
 
 
