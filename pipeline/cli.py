@@ -42,6 +42,7 @@ SWEPT = ", ".join(f"{v:g}" for v in registry.param("r2_min").sweep)
 # nothing heavy: backends and clusters are created on use)
 BackendName = enum.Enum("BackendName", {n: n for n in engine.BACKENDS})  # type: ignore[misc]
 ExecutorName = enum.Enum("ExecutorName", {n: n for n in EXECUTORS})  # type: ignore[misc]
+FitDevice = enum.Enum("FitDevice", {n: n for n in engine.DEVICES})  # type: ignore[misc]
 
 
 DEBUG_ENV = "RLVR_LIN_DEBUG"  # set to 1: internal errors also print their traceback
@@ -384,11 +385,17 @@ def fit_cmd(
     block_mb: Annotated[
         float, typer.Option(help="checkpoint MB per step per task (memory ~50x)")
     ] = 4.0,
+    device: Annotated[
+        FitDevice,  # type: ignore[valid-type]
+        typer.Option(help="cpu, or cuda: the torch backend on GPU workers (without --cluster, "
+                          "dask-cuda's LocalCUDACluster: one worker per GPU)")
+    ] = FitDevice("cpu"),
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
     catalog: CatalogOpt = None,
     scheduler: Scheduler = None,
 ) -> None:
     """Fit slope, intercept and R² of every weight element against step (incremental)."""
+    backend_name, scheduler = engine.device_plan(device.value, backend.value, scheduler)
     from pipeline.fit.histograms import print_headline
     from pipeline.fit.job import fit_store
     from pipeline.fit.results import fit_dir_for
@@ -401,7 +408,7 @@ def fit_cmd(
     quiet_dask_workers()
     rep = fit_store(store_path, out, start=from_step, stop=to_step, scheduler=scheduler,
                     n_bins=bins, block_bytes=block_bytes, full=full,
-                    progress=progress, backend=backend.value, executor=executor.value)
+                    progress=progress, backend=backend_name, executor=executor.value)
     print_headline(rep.histograms["paper" if paper_filters else "moving"])
     how = ("up to date" if not rep.new_steps else "fitted from scratch")
     typer.echo(f"fit {rep.fit_dir}: {how}; {len(rep.steps)} steps "

@@ -12,6 +12,7 @@ imports neither numba nor torch.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -71,6 +72,42 @@ DEFAULT_BACKEND = "numba"
 _CACHE: dict[str, Backend] = {}
 
 
+@dataclass(frozen=True)
+class DevicePlan:
+    """What ``--device`` means for a fit: its backend, and its cluster when none is named."""
+
+    backend: str | None  # None: whatever --backend says
+    cluster: str | None  # a cluster kind used when the user names no cluster
+    needs_cuda: bool = False
+
+
+DEVICES: dict[str, DevicePlan] = {
+    "cpu": DevicePlan(backend=None, cluster=None),
+    # one dask-cuda worker per GPU, each running the torch backend on its device
+    "cuda": DevicePlan(backend="torch", cluster="local-cuda", needs_cuda=True),
+}
+
+
+def device_plan(device: str, backend: str, cluster: str | None) -> tuple[str, str | None]:
+    """(backend, cluster) for ``device``; a contradiction or a missing GPU is a clear error."""
+    from pipeline.errors import PipelineError
+
+    if device not in DEVICES:
+        raise PipelineError(f"unknown device {device!r} (expected one of {sorted(DEVICES)})")
+    plan = DEVICES[device]
+    if plan.backend is not None and backend not in (DEFAULT_BACKEND, plan.backend):
+        raise PipelineError(f"--device {device} runs the {plan.backend} backend, not --backend "
+                            f"{backend}")
+    if plan.needs_cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise PipelineError(f"--device {device}: no CUDA device is visible to torch "
+                                f"(torch {torch.__version__}, CUDA build: "
+                                f"{torch.version.cuda or 'none'})")
+    return plan.backend or backend, cluster or plan.cluster
+
+
 def get_backend(name: str = DEFAULT_BACKEND) -> Backend:
     """The backend registered as ``name``, created once per process."""
     from pipeline.errors import PipelineError
@@ -83,5 +120,5 @@ def get_backend(name: str = DEFAULT_BACKEND) -> Backend:
     return be
 
 
-__all__ = ["BACKENDS", "DEFAULT_BACKEND", "Backend", "BlockCounts", "Codec", "XStats",
-           "get_backend"]
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "DEVICES", "Backend", "BlockCounts", "Codec",
+           "DevicePlan", "XStats", "device_plan", "get_backend"]

@@ -45,25 +45,38 @@ class TorchBackend:
         self.torch = torch
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
+    def _to_device(self, a: np.ndarray) -> Any:
+        """``a`` on the device; to CUDA through pinned memory, asynchronously.
+
+        The pinned copy is taken at once (the caller may reuse ``a``'s buffer
+        for its next read), and the host-to-device copy and every kernel after
+        it are queued on the stream, so the CPU goes back to reading and
+        decoding the next batch of steps while the GPU works on this one.
+        torch's pinned allocator keeps the staging buffer until the copy ran.
+        """
+        t = self.torch.from_numpy(np.ascontiguousarray(a))
+        if self.device.type != "cuda":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     def _values(self, bits: np.ndarray, wide: np.ndarray, codec: Codec) -> tuple[Any, Any]:
         """(values float64, bit keys int64 with -0.0 folded) of a (k, m) block, on the device."""
         torch = self.torch
-        dev = self.device
         if codec.kind == BF16:
-            raw = torch.from_numpy(np.ascontiguousarray(bits).view(np.int16)).to(dev)
+            raw = self._to_device(np.ascontiguousarray(bits).view(np.int16))
             keys = raw.to(torch.int32) & 0xFFFF
             vals = (keys << 16).view(torch.float32).to(torch.float64)
         elif codec.kind == F16:
-            raw = torch.from_numpy(np.ascontiguousarray(bits).view(np.int16)).to(dev)
+            raw = self._to_device(np.ascontiguousarray(bits).view(np.int16))
             keys = raw.to(torch.int32) & 0xFFFF
             vals = raw.view(torch.float16).to(torch.float64)
         elif codec.kind == F32:
-            raw = torch.from_numpy(np.ascontiguousarray(bits).view(np.int32)).to(dev)
+            raw = self._to_device(np.ascontiguousarray(bits).view(np.int32))
             keys = raw.to(torch.int64) & 0xFFFFFFFF
             vals = raw.view(torch.float32).to(torch.float64)
         else:
-            keys = torch.from_numpy(np.ascontiguousarray(bits).view(np.int64)).to(dev)
-            vals = torch.from_numpy(np.ascontiguousarray(wide)).to(dev)
+            keys = self._to_device(np.ascontiguousarray(bits).view(np.int64))
+            vals = self._to_device(wide)
         keys = keys.to(torch.int64)
         if codec.negz:
             negz = codec.negz if codec.negz < (1 << 63) else codec.negz - (1 << 64)
@@ -73,7 +86,7 @@ class TorchBackend:
     def _signs(self, words: np.ndarray, off: int, m: int) -> Any:
         """(k, m) int64: 1 where the null increment is negated (bit off + i of each row)."""
         torch = self.torch
-        w = torch.from_numpy(np.ascontiguousarray(words).view(np.int64)).to(self.device)
+        w = self._to_device(np.ascontiguousarray(words).view(np.int64))
         g = torch.arange(m, device=self.device, dtype=torch.int64) + off
         return (w[:, g >> 6] >> (g & 63)) & 1
 
