@@ -296,6 +296,13 @@ def ingest_cmd(
     fit: Annotated[
         bool, typer.Option(help="update the fit (incrementally) after every committed pass")
     ] = False,
+    alarm_threshold: Annotated[
+        float | None, typer.Option(
+            help="after every committed pass, forecast each new checkpoint from the two "
+                 "before it (two-point) and print/record (outputs/alarm.jsonl) its relative "
+                 "error; above this threshold the run is flagged as no longer linear "
+                 "(1 = no better than 'no change')")
+    ] = None,
     catalog: CatalogOpt = None,
     scheduler: Scheduler = None,
 ) -> None:
@@ -317,14 +324,31 @@ def ingest_cmd(
         raise PipelineError("--store is required when RUN is a path", run_dir)
     writing(store)
     quiet_dask_workers()
-    after_commit = None
+    hooks: list[Callable[[object], None]] = []
     if fit:
         from pipeline.fit.job import fit_store
 
-        def after_commit(client: object) -> None:
+        def fit_hook(client: object) -> None:
             rep = fit_store(store, fit_out, client=client, progress=False)
             typer.echo(f"fit {rep.fit_dir}: {len(rep.steps)} steps, new steps "
                        f"{rep.new_steps} (fitted afresh from the store)", err=True)
+
+        hooks.append(fit_hook)
+    if alarm_threshold is not None:
+        from pipeline.extrapolate.alarm import alarm_new_steps, alarm_path, check_alarm
+
+        check_alarm(alarm_threshold, 2)
+        alarm_file = alarm_path(store, target.entry.outputs if target.entry else None)
+
+        def alarm_hook(_client: object) -> None:
+            for rec in alarm_new_steps(store, alarm_file, alarm_threshold):
+                typer.echo(rec.line(), err=True)
+
+        hooks.append(alarm_hook)
+
+    def after_commit(client: object) -> None:
+        for hook in hooks:
+            hook(client)
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
@@ -332,7 +356,8 @@ def ingest_cmd(
         rep = ingest(run_dir, store, step_pattern=pattern, scheduler=scheduler, watch=watch,
                      poll=poll, settle=settle, max_idle=max_idle, until_step=until_step,
                      allow_pickle=allow_pickle, progress=progress,
-                     log=lambda m: typer.echo(m, err=True), after_commit=after_commit)
+                     log=lambda m: typer.echo(m, err=True),
+                     after_commit=after_commit if hooks else None)
     from pipeline.store.summary import print_ingest_report
 
     print_ingest_report(rep)

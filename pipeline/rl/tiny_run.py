@@ -280,6 +280,29 @@ def _train(out: str | Path, cfg: TinyRunConfig | None, log: Callable[[str], None
     return out
 
 
+def make_warm_start(out: str | Path, cfg: TinyRunConfig | None = None,
+                    progress: bool = False) -> Path:
+    """Only the supervised warm start of ``cfg``, saved (float32) as an HF model folder.
+
+    The same seeding and order as :func:`make_tiny_run`, so the weights equal
+    that run's step 0. Experiments that compare GRPO arms train it once and
+    give every arm ``init_model=out``: all start from the same model.
+    """
+    cfg = cfg or TinyRunConfig()
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise PipelineError("output folder exists and is not empty", out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    _seed_everything(cfg.seed)
+    tokenizer = build_char_tokenizer()
+    train, _ = task_problems(cfg.task, cfg.seed, cfg.n_heldout)
+    model = build_model(cfg.arch, cfg.size, tokenizer, cfg.tie, cfg.seed)
+    _warm_start(model, tokenizer, train, cfg, progress)
+    save_checkpoint(model, tokenizer, out, "float32", None)
+    return out
+
+
 def _load_init(folder: Path, tokenizer) -> Any:
     """An init model for GRPO, in float32 (the master weights), checked against the tokenizer."""
     from transformers import AutoModelForCausalLM
