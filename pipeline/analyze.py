@@ -97,6 +97,9 @@ def write_run_report(store: str | Path, fit_dir: str | Path, out: str | Path,
         tokens = open_token_fit(tokens_store, tokens_store.parent / "logprobs.fit")
         if tokens is not None:
             extra += write_token_panels(tokens_store, tokens, out)
+    experiment = Path(outputs) / "rl_extra_experiment" / "accuracy.png" if outputs else None
+    if experiment is not None and experiment.is_file():  # workflows/rl_extra_experiment.py ran
+        extra.append(("RL-Extra vs GRPO: held-out accuracy against real RL steps", experiment))
     return write_report(store, fit_dir, out, paper_filters=paper_filters,
                         n_samples=n_samples, extra_images=extra)
 

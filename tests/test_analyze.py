@@ -50,6 +50,14 @@ def test_analyze_equals_the_stages_one_by_one(catalog, scheduler):
     staged = analysis_paths("staged", catalog)
     steps = sorted(int(p.name.split("_")[-1]) for p in whole.checkpoints.glob("global_step_*"))
     target = default_target(steps)
+    # the RL-Extra experiment's plot, where workflows/rl_extra_experiment.py puts it for an entry
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 10], [0.1, 0.2])
+    (staged.outputs / "rl_extra_experiment").mkdir(parents=True)
+    fig.savefig(staged.outputs / "rl_extra_experiment" / "accuracy.png")
+    plt.close(fig)
     cli = CliRunner()
     for args in (["ingest", "staged", "--no-progress"], ["fit", "staged", "--no-progress"],
                  ["report", "staged"],
@@ -60,6 +68,9 @@ def test_analyze_equals_the_stages_one_by_one(catalog, scheduler):
         assert r.exit_code == 0, r.output
     assert_same_fit(whole.fit_dir, staged.outputs / "fit", csv=True)
     assert (whole.report_dir / REPORT_PAGE).exists()
+    title = "RL-Extra vs GRPO"
+    assert title not in (whole.report_dir / REPORT_PAGE).read_text()
+    assert title in (staged.outputs / "fit" / "report" / REPORT_PAGE).read_text()
     exported = whole.outputs / f"extrapolated-{methods.DEFAULT_METHOD}-step{target}"
     a, b = _tensors(exported), _tensors(staged.outputs / "by-hand")
     assert a.keys() == b.keys() and a

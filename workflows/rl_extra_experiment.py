@@ -23,7 +23,7 @@ steps and vs seconds per arm, mean line, min-max over seeds shaded). Each
 (arm, seed) run is saved as it finishes (``runs/<arm>/seed_<k>/result.json``)
 and skipped when the experiment is run again with the same settings.
 
-    python workflows/rl_extra_experiment.py --out runs/rl-extra-experiment
+    python workflows/rl_extra_experiment.py   # into tiny-addition's outputs/rl_extra_experiment
     python workflows/rl_extra_experiment.py --quick --out /tmp/rlx-quick
 """
 
@@ -444,9 +444,20 @@ def markdown_table(results: Mapping[str, Any]) -> str:
     return "\n".join(rows) + "\n"
 
 
+EXPERIMENT_DIR = "rl_extra_experiment"  # inside a catalog entry's outputs: its report shows it
+
+
+def experiment_dir(entry: str = "tiny-addition") -> Path:
+    from pipeline.catalog import lookup
+
+    return lookup(entry).outputs / EXPERIMENT_DIR
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=Path("runs/rl-extra-experiment"))
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default: the embedded entry's outputs/rl_extra_experiment (the "
+                         "entry's report shows the plot)")
     ap.add_argument("--quick", action="store_true", help="tiny settings for a test (1 seed)")
     d = Settings()
     ap.add_argument("--steps", type=int, help=f"real GRPO steps per run (default {d.steps})")
@@ -459,6 +470,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--table", action="store_true", help="print the markdown table and stop")
     a = ap.parse_args(argv)
+    if a.out is None:
+        a.out = experiment_dir()
     if a.table:
         print(markdown_table(json.loads((a.out / RESULTS).read_text())))
         return
