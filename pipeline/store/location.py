@@ -59,11 +59,17 @@ def as_location(target: str | Path | RemotePath, storage_options: Mapping[str, A
 
 
 def zarr_store(p: Path | RemotePath) -> Any:
-    """What ``zarr.open_*`` takes for ``p``: the path string locally, a ``StorePath`` remotely."""
-    if isinstance(p, RemotePath):
-        from zarr.storage import StorePath
+    """What ``zarr.open_*`` takes for ``p``: the path string locally, a store rooted at ``p``.
 
-        return StorePath(p.root.store, p.key)
+    Rooted at ``p`` itself, not at its bucket: zarr writes a group document
+    into every parent of a node it creates inside a store, which would put
+    ``zarr.json`` objects above the store (up to the bucket's root).
+    """
+    if isinstance(p, RemotePath):
+        try:
+            return _root(p.url, p.options).store
+        except StoreProblem as e:
+            raise PipelineError(str(e), p.url) from None
     return str(p)
 
 
@@ -147,7 +153,7 @@ class StoreProblem(Exception):
     """What is wrong with a bucket or its options; the caller names the URL it was for."""
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=256)
 def _root(root_url: str, options: str) -> Root:
     opts = json.loads(options)
     backend = opts.pop(BACKEND_KEY, DEFAULT_BACKEND)
