@@ -311,3 +311,27 @@ def test_catalog_urls_keep_their_form_and_options(tmp_path, bucket):
     assert e.store.storage_options == opts
     assert e.outputs == tmp_path / "out" / "r" and e.checkpoints == tmp_path / "runs" / "r"
     shutil.rmtree(tmp_path / "out", ignore_errors=True)
+
+
+def test_cli_ingest_and_fit_a_catalog_entry_on_s3(bucket, run5, tmp_path, cluster, reference):
+    """``rlvr-lin ingest NAME`` / ``fit NAME``: the catalog's URLs and options reach every step."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    name, opts = bucket
+    cat = tmp_path / "cat.yaml"
+    cat.write_text(json.dumps({"runs": {"r": {
+        "checkpoints": str(run5), "store": f"s3://{name}/r.zarr",
+        "outputs": f"s3://{name}/out", "storage_options": opts}}}))
+    at = ["--catalog", str(cat), "--scheduler", cluster.scheduler.address, "--no-progress"]
+    res = CliRunner().invoke(app, ["ingest", "r", *at])
+    assert res.exit_code == 0, res.output
+    store = as_location(f"s3://{name}/r.zarr", opts)
+    assert remote_files(store) == remote_files(reference)
+    res = CliRunner().invoke(app, ["fit", "r", *at])
+    assert res.exit_code == 0, res.output
+    fit = pipeline.open_fit(f"s3://{name}/out/fit", opts)
+    assert fit.steps == [0, 10, 20, 30, 40] and fit.meta["store"] == str(store)
+    res = CliRunner().invoke(app, ["fit", "r", *at])  # the stored fit is current: nothing read
+    assert res.exit_code == 0 and "up to date" in res.output, res.output
