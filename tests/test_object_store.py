@@ -335,3 +335,25 @@ def test_cli_ingest_and_fit_a_catalog_entry_on_s3(bucket, run5, tmp_path, cluste
     assert fit.steps == [0, 10, 20, 30, 40] and fit.meta["store"] == str(store)
     res = CliRunner().invoke(app, ["fit", "r", *at])  # the stored fit is current: nothing read
     assert res.exit_code == 0 and "up to date" in res.output, res.output
+
+
+def test_generic_step_store_on_s3(bucket, tmp_path):
+    """The token log-prob store's base (``steps.store``) on S3: same bytes as locally, and a
+    position written but not committed stays invisible."""
+    from pipeline.steps.store import ArraySpec, StepStore
+
+    name, opts = bucket
+    arrays = {"logprob": ArraySpec((5, 3), "float32", chunk=(2, 3))}
+    rng = np.random.default_rng(0)
+    vals = [rng.standard_normal((5, 3)).astype(np.float32) for _ in range(3)]
+    remote = as_location(f"s3://{name}/lp.zarr", opts)
+    local = tmp_path / "lp.zarr"
+    for where in (remote, local):  # (its writers' lock is the caller's, beside the store)
+        st = StepStore.create(where, "logprobs", arrays)
+        for s, v in zip((0, 10), vals, strict=False):
+            st.append(s, {"logprob": v})
+        st.write("logprob", st.begin(20), vals[2])  # no commit: a writer that died here
+    assert remote_files(remote) == local_files(local)
+    r = StepStore.open(remote, kind="logprobs")
+    assert r.steps == [0, 10]
+    np.testing.assert_array_equal(r.read_block("logprob"), np.stack(vals[:2]))
