@@ -233,7 +233,7 @@ CRASH = textwrap.dedent("""
     state.StoreState.commit = commit_or_die
     with Client(processes=False, n_workers=1, threads_per_worker=2,
                 dashboard_address=":0") as c:
-        ingest(run, as_location(url, opts), client=c, progress=False, lease_ttl=10.0)
+        ingest(run, as_location(url, opts), client=c, progress=False, lease_ttl=7.0)
 """)
 
 
