@@ -155,7 +155,7 @@ _OUTPUT: ContextVar[Path | None] = ContextVar("rlvr_lin_output", default=None)
 
 def writing(path: str | Path | None) -> None:
     """Record what the command writes: an OSError without a file name is reported on it."""
-    _OUTPUT.set(Path(path) if path is not None else None)
+    _OUTPUT.set(Path(path) if isinstance(path, str | Path) else None)  # a RemotePath: none
 
 
 def number(value: float | None, what: str, low: float | None = None,
@@ -272,7 +272,8 @@ def demo_cmd(
 @user_errors
 def ingest_cmd(
     run: Annotated[str, typer.Argument(help="run directory, or a catalog entry name")],
-    store: Annotated[Path | None, typer.Option(help="zarr store (default: the catalog's)")] = None,
+    store: Annotated[str | None, typer.Option(help="zarr store, a path or URL (default: the "
+                                                 "catalog's)")] = None,
     step_pattern: Annotated[
         str | None, typer.Option(help="regex with a named group 'step' for checkpoint folders")
     ] = None,

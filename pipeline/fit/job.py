@@ -33,7 +33,7 @@ from pipeline.dtypes import dtype_name
 from pipeline.engine import BACKENDS, DEFAULT_BACKEND
 from pipeline.errors import PipelineError, check_int, check_output
 from pipeline.fit.graph import FitConfig, fit_rows, plan_tasks, run_graph
-from pipeline.fit.histograms import build_dataset, write_outputs
+from pipeline.fit.histograms import build_dataset
 from pipeline.fit.results import (
     ELEMENTS,
     HISTOGRAMS,
@@ -44,10 +44,12 @@ from pipeline.fit.results import (
     create_fit,
     fit_dir_for,
     read_meta,
+    save_outputs,
     write_meta,
 )
 from pipeline.fit.source import SourceRef, StoreRef, store_inputs
 from pipeline.steps.source import weight_labels
+from pipeline.store.location import RemotePath, as_location
 
 DEFAULT_BLOCK_BYTES = 4 << 20  # checkpoint bytes per step per task
 DEFAULT_BINS = 100
@@ -58,7 +60,7 @@ DEFAULT_SEED = 0
 class FitReport:
     """What a fit run did: the histograms plus how much work it took."""
 
-    fit_dir: Path
+    fit_dir: Path | RemotePath
     steps: list[int]
     new_steps: list[int]  # steps not in the previous complete fit of this window
     incremental: bool  # always False since schema 4: every fit reads the whole window
@@ -128,9 +130,10 @@ def _plan_json(p: TensorPlan) -> dict[str, Any]:
 
 
 def fit_store(
-    store: str | Path,
-    out: str | Path | None = None,
+    store: str | Path | RemotePath,
+    out: str | Path | RemotePath | None = None,
     *,
+    storage_options: dict[str, Any] | None = None,
     start: int | None = None,
     stop: int | None = None,
     scheduler: str | None = None,
@@ -157,15 +160,17 @@ def fit_store(
     where tasks run (``pipeline.compute.EXECUTORS``: ``dask`` on ``client`` or
     the cluster ``scheduler`` names, ``serial`` in this process for debugging).
     ``keep_state`` is accepted and ignored: since schema 4 no state is kept.
+    ``store`` and ``out`` may be object-store URLs (``storage_options`` reach
+    both); every task then reads the store and writes its results there.
     """
     del keep_state  # older callers pass it; there is no state any more
     t0 = time.perf_counter()
     check_options(n_bins, block_bytes, seed, start, stop, backend, executor)
-    store = Path(store)
-    fit_dir = Path(out) if out is not None else fit_dir_for(store)
+    store = as_location(store, storage_options)
+    fit_dir = as_location(out, storage_options) if out is not None else fit_dir_for(store)
     ref: SourceRef = source if source is not None else StoreRef.of(store)
     src = ref.open()
-    check_output(fit_dir, store_inputs(store, src), writes=FIT_PARTS)
+    _check_fit_place(fit_dir, store, src)
     all_steps = list(src.steps)
     if not all_steps:
         raise PipelineError("the store has no committed steps yet", store)
@@ -192,7 +197,9 @@ def fit_store(
     fit_dir.mkdir(parents=True, exist_ok=True)
     create_fit(fit_dir, plans, meta)  # incomplete until every task and output is written
     tasks = plan_tasks(plans, block_bytes)
-    cfg = FitConfig(str(fit_dir), tuple(steps), i0, seed, n_bins, backend)
+    # tasks get the fit folder as a path string, or the (picklable) RemotePath itself
+    task_dir: Any = fit_dir if isinstance(fit_dir, RemotePath) else str(fit_dir)
+    cfg = FitConfig(task_dir, tuple(steps), i0, seed, n_bins, backend)
     n_read = len(steps)
     step_bytes = sum(p.nbytes for t in tasks for p in t)
     totals = _run(executor, client, scheduler, ref, {p.name: p for p in plans}, tasks, cfg,
@@ -202,11 +209,23 @@ def fit_store(
     labels_of = getattr(src, "labels", weight_labels)  # the source labels its arrays
     labels = {n: tuple(labels_of(n)) for n in names}
     hists = {sel: build_dataset(names, totals, sel, n_bins, attrs, labels) for sel in SELECTIONS}
-    write_outputs(fit_dir, hists)
+    save_outputs(fit_dir, hists)
     meta["complete"] = True
     write_meta(fit_dir, meta)
     return FitReport(fit_dir, steps, new_steps, False, len(tasks), step_bytes * n_read,
                      time.perf_counter() - t0, hists)
+
+
+def _check_fit_place(fit_dir: Path | RemotePath, store: Path | RemotePath, src: Any) -> None:
+    """The fit may not be, or sit in, what it reads (the store, the checkpoint folders)."""
+    if isinstance(fit_dir, RemotePath) or isinstance(store, RemotePath):
+        # one bucket: compare keys (local checkpoint folders cannot hold a URL)
+        a, b = str(fit_dir).rstrip("/") + "/", str(store).rstrip("/") + "/"
+        if a.startswith(b) or b.startswith(a):
+            raise PipelineError(f"output is or contains the store ({store}), which this job "
+                                "reads; choose another --out", fit_dir)
+        return
+    check_output(fit_dir, store_inputs(store, src), writes=FIT_PARTS)
 
 
 def _run(executor: str, client: Any, scheduler: str | None, ref: SourceRef,

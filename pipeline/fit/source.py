@@ -3,7 +3,9 @@
 A task never receives an open store (it may run on another machine); it gets
 a small picklable *reference* and opens it where it runs. ``StoreRef`` opens
 ``pipeline.open_run``; anything with the same five methods works (tests wrap
-it to slow reads down or to count them).
+it to slow reads down or to count them). A store on object storage is
+referenced by its ``location.RemotePath`` (URL and storage options), which
+pickles to every worker.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
+from pipeline.store.location import RemotePath, as_location
 
 
 class BlockSource(Protocol):
@@ -46,19 +50,27 @@ class SourceRef(Protocol):
 
 
 @functools.lru_cache(maxsize=8)
-def _open_store(path: str, identity: str) -> BlockSource:
+def _open_store(path: str | RemotePath, identity: str) -> BlockSource:
     from pipeline.store.reader import open_run
 
     return open_run(path)
 
 
-def store_identity(path: str | Path) -> str:
+def store_identity(path: str | Path | RemotePath) -> str:
     """Which store lives at ``path`` now: inode and mtime of its root metadata.
 
     Workers of a long-lived cluster cache open stores; a store deleted and
     ingested again at the same path (another run, other shapes) must not be
-    read through the old one's metadata.
+    read through the old one's metadata. On object storage (no inodes): a
+    hash of the root metadata document, which every commit rewrites.
     """
+    if isinstance(path, RemotePath):
+        import xxhash
+
+        try:
+            return xxhash.xxh3_64_hexdigest((path / "zarr.json").read_bytes())
+        except FileNotFoundError:
+            return ""
     try:
         st = (Path(path) / "zarr.json").stat()
     except OSError:
@@ -70,22 +82,24 @@ def store_identity(path: str | Path) -> str:
 class StoreRef:
     """Reference to an ingested run store, opened once per worker process (and identity)."""
 
-    path: str
+    path: str | RemotePath
     identity: str = ""
 
     @classmethod
-    def of(cls, path: str | Path) -> StoreRef:
-        resolved = str(Path(path).resolve())
+    def of(cls, path: str | Path | RemotePath) -> StoreRef:
+        loc = as_location(path)
+        resolved = loc if isinstance(loc, RemotePath) else str(loc.resolve())
         return cls(resolved, store_identity(resolved))
 
     def open(self, n_steps: int | None = None) -> BlockSource:
-        src = _open_store(str(Path(self.path).resolve()), self.identity)
+        path = self.path if isinstance(self.path, RemotePath) else str(Path(self.path).resolve())
+        src = _open_store(path, self.identity)
         if n_steps is None or len(src.steps) < n_steps:  # cached snapshot may be older
             src.refresh()  # type: ignore[attr-defined]
         return src
 
 
-def store_inputs(store: str | Path, src: object) -> list[tuple[str, Path]]:
+def store_inputs(store: str | Path | RemotePath, src: object) -> list[tuple[str, Path]]:
     """What an output of a job reading ``store`` must never overwrite.
 
     The store itself and the checkpoint folders it was ingested from (the run

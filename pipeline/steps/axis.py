@@ -8,7 +8,8 @@ resumes at the same position), write the step's data chunks, then
 prefix of positions whose marker is set (``committed_steps``), so a step is
 either wholly visible or not at all. zarr's metadata documents are written
 by hand (``pipeline.store.zmeta``: the same bytes, without zarr's per-call
-cost); each write is an atomic rename.
+cost); each write is an atomic rename locally, one (atomic) PUT on object
+storage. ``path`` is a local folder or a ``location.RemotePath``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.store import zmeta
+from pipeline.store.location import RemotePath, zarr_store
 
 STEP_ARRAY = "step"
 RECORDS_GROUP = "records"
@@ -31,19 +33,19 @@ def record_path(index: int) -> str:
     return f"{RECORDS_GROUP}/{index:08d}"
 
 
-def layout(path: Path) -> None:
+def layout(path: Path | RemotePath) -> None:
     """An empty step axis: no positions, no records."""
     zmeta.write_node(path / RECORDS_GROUP, zmeta.group_doc())
     zmeta.write_node(path / STEP_ARRAY, zmeta.array_doc(
         (0,), STEP_DTYPE, (1,), NOT_COMMITTED, [], None, ["step"]))
 
 
-def committed_steps(path: Path) -> list[int]:
+def committed_steps(path: Path | RemotePath) -> list[int]:
     """Steps whose marker is set: the prefix of ``step`` with no fill value."""
     import zarr
 
     try:
-        arr = zarr.open_array(str(path), path=STEP_ARRAY, mode="r")
+        arr = zarr.open_array(zarr_store(path), path=STEP_ARRAY, mode="r")
     except (FileNotFoundError, zarr.errors.NodeNotFoundError):
         return []
     vals = np.asarray(arr[:])
@@ -52,25 +54,26 @@ def committed_steps(path: Path) -> list[int]:
     return [int(v) for v in vals[:n]]
 
 
-def positions(path: Path) -> int:
+def positions(path: Path | RemotePath) -> int:
     """Positions laid out (committed or being written)."""
     return int(zmeta.read_node(path / STEP_ARRAY)["shape"][0])
 
 
-def grow(path: Path, index: int, arrays: Iterable[tuple[Path, tuple[int, ...]]]) -> None:
+def grow(path: Path | RemotePath, index: int,
+         arrays: Iterable[tuple[Path | RemotePath, tuple[int, ...]]]) -> None:
     """Give the step axis and every (array folder, per-step shape) exactly index + 1 positions."""
     zmeta.resize(path / STEP_ARRAY, (index + 1,))
     for folder, shape in arrays:
         zmeta.resize(folder, (index + 1, *shape))
 
 
-def commit(path: Path, index: int, step: int, record: dict[str, Any]) -> None:
+def commit(path: Path | RemotePath, index: int, step: int, record: dict[str, Any]) -> None:
     """The record, then the marker: the commit point of position ``index``."""
     zmeta.write_node(path / record_path(index), zmeta.group_doc(record))
     zmeta.write_scalar_chunk(path / STEP_ARRAY, index, int(step), STEP_DTYPE)
 
 
-def read_record(path: Path, index: int) -> dict[str, Any]:
+def read_record(path: Path | RemotePath, index: int) -> dict[str, Any]:
     return zmeta.read_node(path / record_path(index))["attributes"]
 
 

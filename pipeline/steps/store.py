@@ -17,7 +17,8 @@ that died mid-step resumes at the same position and overwrites its partial
 chunks); ``write`` fills that position; ``commit`` writes the record and then
 the marker. The weight store and the token log-prob store are both this,
 with their own arrays and encodings; nothing here knows what a weight is.
-The caller holds whatever lock keeps two writers apart.
+The caller holds whatever lock keeps two writers apart (``store.lease.hold``).
+``path`` may be an object-store URL's ``location.RemotePath``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import zarr
 
 from pipeline.errors import PipelineError
 from pipeline.steps import axis
+from pipeline.store.location import RemotePath, as_location, zarr_store
 from pipeline.store.naming import check_names
 
 ATTRS_KEY = "rlvr_lin_steps"
@@ -58,17 +60,17 @@ class ArraySpec:
 class StepStore:
     """Open store: committed steps, reads, and (for the one writer) begin / write / commit."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | Path | RemotePath) -> None:
+        self.path = as_location(path)
         self.refresh()
 
     # -- creating and opening ----------------------------------------------------------------
 
     @classmethod
-    def create(cls, path: str | Path, kind: str, arrays: Mapping[str, ArraySpec],
+    def create(cls, path: str | Path | RemotePath, kind: str, arrays: Mapping[str, ArraySpec],
                attrs: Mapping[str, Any] | None = None) -> StepStore:
         """Lay out an empty store; refused where a store with committed steps exists."""
-        path = Path(path)
+        path = as_location(path)
         if (path / "zarr.json").exists():
             existing = cls(path)  # not a step store: refused here, before anything is removed
             if existing.steps:
@@ -77,7 +79,7 @@ class StepStore:
         elif path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise PipelineError("exists and is not a step store; choose an empty folder", path)
         paths = check_names(sorted(arrays))
-        s = str(path)
+        s = zarr_store(path)
         root = zarr.open_group(s, mode="w")
         root.attrs.put({ATTRS_KEY: {
             "schema_version": SCHEMA_VERSION, "kind": kind,
@@ -94,7 +96,7 @@ class StepStore:
         return cls(path)
 
     @classmethod
-    def open(cls, path: str | Path, kind: str | None = None) -> StepStore:
+    def open(cls, path: str | Path | RemotePath, kind: str | None = None) -> StepStore:
         """An existing store (of ``kind``, when given), with a one-line error otherwise."""
         st = cls(path)
         if kind is not None and st.kind != kind:
@@ -107,7 +109,7 @@ class StepStore:
         if not (p / "zarr.json").exists():
             raise PipelineError("not a step store (no zarr.json)", p)
         try:
-            meta = zarr.open_group(str(p), mode="r").attrs.get(ATTRS_KEY)
+            meta = zarr.open_group(zarr_store(p), mode="r").attrs.get(ATTRS_KEY)
         except Exception as e:  # zarr raises several types for damaged metadata
             raise PipelineError(f"cannot open step store: {e}", p) from None
         if not isinstance(meta, dict) or meta.get("schema_version") != SCHEMA_VERSION:
@@ -155,8 +157,8 @@ class StepStore:
     def array(self, name: str, mode: str = "r") -> zarr.Array:
         arr = self._arrays.get((name, mode))
         if arr is None:
-            arr = zarr.open_array(str(self.path), path=f"{ARRAYS_GROUP}/{self.spec(name)['path']}",
-                                  mode=mode)
+            arr = zarr.open_array(zarr_store(self.path),
+                                  path=f"{ARRAYS_GROUP}/{self.spec(name)['path']}", mode=mode)
             self._arrays[(name, mode)] = arr
         return arr
 
@@ -263,7 +265,7 @@ class StepStore:
 class StepStoreRef:
     """A picklable handle a fit task opens where it runs (``pipeline.fit.source.SourceRef``)."""
 
-    path: str
+    path: str | RemotePath
     kind: str | None = None
 
     def open(self, n_steps: int | None = None) -> StepStore:

@@ -79,7 +79,12 @@ class DirectArray:
 
     @classmethod
     def open(cls, folder: Path) -> DirectArray | None:
-        """The array at ``folder`` if its metadata is the layout read here, else ``None``."""
+        """The array at ``folder`` if its metadata is the layout read here, else ``None``.
+
+        Only a local folder: an object store's chunks are read through zarr.
+        """
+        if not isinstance(folder, Path):
+            return None
         try:
             doc = json.loads((folder / "zarr.json").read_bytes())
         except (OSError, ValueError):

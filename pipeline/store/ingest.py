@@ -23,7 +23,6 @@ after all of its batch's tasks are done.
 
 from __future__ import annotations
 
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -36,13 +35,7 @@ from pipeline.checkpoints.discover import Checkpoint, discover_checkpoints
 from pipeline.checkpoints.reader import CheckpointReader
 from pipeline.errors import PipelineError, SchedulerLost, check_int, check_number, check_output
 from pipeline.store.codec import DEFAULT_KEY_EVERY, reference
-from pipeline.store.integrity import (
-    StoreLock,
-    combine_blocks,
-    snapshot,
-    store_bytes,
-    store_lock,
-)
+from pipeline.store.integrity import combine_blocks, snapshot, store_bytes
 from pipeline.store.layout import (
     DEFAULT_BLOCK_BYTES,
     DEFAULT_CHUNK_BYTES,
@@ -51,6 +44,8 @@ from pipeline.store.layout import (
     group_tasks,
     plan_pieces,
 )
+from pipeline.store.lease import DEFAULT_LEASE_TTL, hold
+from pipeline.store.location import RemotePath, as_location, remove_tree
 from pipeline.store.naming import check_names
 from pipeline.store.state import StoreState, committed_steps, discard_layout
 from pipeline.store.tasks import (
@@ -91,7 +86,7 @@ class NonFiniteWarning(UserWarning):
 class IngestReport:
     """What one ``ingest`` call did, for the CLI's table and for tests."""
 
-    store: Path
+    store: Path | RemotePath
     ingested: list[int] = field(default_factory=list)
     skipped: list[int] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)  # all committed steps afterwards
@@ -175,13 +170,15 @@ def check_config(expected: dict | None, config: dict | None, folder: Path) -> No
                                 "architecture in the same run)", path)
 
 
-def check_store_place(store: Path, run_dir: Path, cps: list[Checkpoint]) -> None:
+def check_store_place(store: Path | RemotePath, run_dir: Path, cps: list[Checkpoint]) -> None:
     """The store may not be, or sit inside, a checkpoint folder of the run it ingests.
 
     A trainer that rotates checkpoints (``save_total_limit``) deletes the step
     folder, and the store inside it with it; a store next to or above the
-    checkpoints is fine.
+    checkpoints is fine, and so is any store on object storage.
     """
+    if isinstance(store, RemotePath):
+        return
     folders = {cp.path for cp in cps}
     for cp in cps:
         try:
@@ -268,10 +265,12 @@ def _numel(shape: tuple[int, ...]) -> int:
 class _Ingester:
     """State kept across passes of ``watch``: verified steps and settle timers."""
 
-    def __init__(self, run_dir: Path, store: Path, client: Any, opts: IngestOptions,
-                 log: Callable[[str], None]) -> None:
+    def __init__(self, run_dir: Path, store: Path | RemotePath, client: Any,
+                 opts: IngestOptions, log: Callable[[str], None],
+                 guard: Callable[[], None] = lambda: None) -> None:
         self.run_dir, self.store, self.client = run_dir, store, client
         self.opts, self.log = opts, log
+        self.guard = guard  # raises if this writer lost its lock/lease: checked before commits
         self.verified: set[int] = set()
         self.seen: dict[Path, tuple[dict, float]] = {}
         self.report = IngestReport(store)
@@ -389,7 +388,7 @@ class _Ingester:
         subs: list[tuple[Any, list[_StepJob]]] = []
         if batched:
             for rs in zip(*plans, strict=True):
-                subs.append((self.client.submit(write_ranges, str(state.path), indices,
+                subs.append((self.client.submit(write_ranges, state.path, indices,
                                                 list(rs), key_every, after0, pure=False), jobs))
         else:  # layouts differ between steps (or a pickle): one task per range per step
             prev: list[Any] = []  # the previous position's tasks, while it is a reference
@@ -401,7 +400,7 @@ class _Ingester:
                     after = after0  # position 0, in an earlier batch still running
                 else:
                     after = []  # the reference is committed
-                futs = [self.client.submit(write_range, str(state.path), job.index, rng,
+                futs = [self.client.submit(write_range, state.path, job.index, rng,
                                            key_every, after, pure=False)
                         for rng in _plan_ranges(state, reader, per_step)]
                 subs += [(f, [job]) for f in futs]
@@ -504,6 +503,7 @@ class _Ingester:
             record["real_step"] = cp.real_step
         if state.meta.get("model_config") is None:  # the run's config: the first one seen
             state.meta["model_config"] = job.reader.config
+        self.guard()  # a writer that lost its lease must not set a marker
         state.commit(job.index, cp.step, record)
         self.verified.add(cp.step)
         self.report.ingested.append(cp.step)
@@ -549,8 +549,10 @@ def _rel(path: Path, base: Path) -> str:
 
 def ingest(
     run_dir: str | Path,
-    store: str | Path,
+    store: str | Path | RemotePath,
     *,
+    storage_options: dict[str, Any] | None = None,
+    lease_ttl: float = DEFAULT_LEASE_TTL,
     step_pattern: str | None = None,
     scheduler: str | None = None,
     client: Any = None,
@@ -575,19 +577,25 @@ def ingest(
     ``until_step`` is stored (never, if neither is given). ``after_commit(client)``
     runs after every pass that committed steps (``ingest --fit`` updates the
     fit there, so a watched run's fit stays current as checkpoints land).
+
+    ``store`` may be an object-store URL (``s3://bucket/run.zarr``, with
+    ``storage_options``): the writer then holds the store's lease
+    (``lease``, living ``lease_ttl`` seconds between refreshes) instead of
+    the local file lock.
     """
     t0 = time.perf_counter()
-    run_dir, store = Path(run_dir), Path(store)
+    run_dir, store = Path(run_dir), as_location(store, storage_options)
     check_options(poll, settle, max_idle, chunk_bytes, block_bytes)
+    check_number(lease_ttl, "lease_ttl", 0, low_open=True)
     opts = IngestOptions(step_pattern, allow_pickle, chunk_bytes, block_bytes, progress)
     # fail on a bad run dir or a store inside a checkpoint before making a store
     check_store_place(store, run_dir, discover_checkpoints(run_dir, step_pattern))
     StoreState.open(store)  # refuse a file or a foreign folder before locking (creating) it
     ing: _Ingester | None = None
-    with store_lock(store) as lock:
+    with hold(store, log, lease_ttl) as lock:
         try:
             with _client(client, scheduler) as c:
-                ing = _Ingester(run_dir, store, c, opts, log)
+                ing = _Ingester(run_dir, store, c, opts, log, lock.check)
                 hook = (lambda: after_commit(c)) if after_commit else None
                 _run(ing, store, watch, poll, settle, max_idle, until_step, hook)
         except SchedulerLost:
@@ -605,22 +613,27 @@ def ingest(
     return rep
 
 
-def _discard_unfinished(lock: StoreLock, created_layout: bool) -> None:
+def _discard_unfinished(lock: Any, created_layout: bool) -> None:
     """After a failure with no step committed, remove what this process created, and only that.
 
     The folder goes only if this process made it; a layout only if this
     process laid it out (a store another run left uncommitted stays for it to
-    resume). Runs under the lock, so no other ingest is using what is removed.
+    resume). Runs under the lock (or lease), so no other ingest is using what
+    is removed; a lock or lease that was lost removes nothing.
     """
+    try:
+        lock.check()
+    except PipelineError:
+        return
     if committed_steps(lock.store):
         return
     if lock.created:
-        shutil.rmtree(lock.store, ignore_errors=True)
+        remove_tree(lock.store)
     elif created_layout:
         discard_layout(lock.store)
 
 
-def _run(ing: _Ingester, store: Path, watch: bool, poll: float, settle: float,
+def _run(ing: _Ingester, store: Path | RemotePath, watch: bool, poll: float, settle: float,
          max_idle: float | None, until_step: int | None,
          after_commit: Callable[[], None] | None = None) -> None:
     """One pass, or the watch loop (the caller holds the store lock)."""

@@ -23,6 +23,7 @@ from typing import Any
 import xxhash
 
 from pipeline.errors import PipelineError
+from pipeline.store.location import RemotePath, tree_bytes
 
 DIGEST_ALGO = "blake2b-256"  # legacy: one hash over the whole file
 BLAKE_TREE_ALGO = "blake2b-256-tree1m"  # legacy: blake2b-256 of the blake2b-256 block digests
@@ -199,6 +200,9 @@ class StoreLock:
     store: Path
     created: bool
 
+    def check(self) -> None:
+        """Nothing to check: a held flock cannot be lost (``lease.Lease.check`` can)."""
+
 
 @contextmanager
 def store_lock(store: Path) -> Iterator[StoreLock]:
@@ -221,12 +225,8 @@ def store_lock(store: Path) -> Iterator[StoreLock]:
         os.close(fd)
 
 
-def store_bytes(store: Path) -> int:
-    """Bytes the store occupies (file sizes), ignoring the lock and temporary files."""
-    total = 0
-    for root, _dirs, files in os.walk(store):
-        for f in files:
-            if f == LOCK_FILE or f.endswith(".partial"):
-                continue
-            total += os.path.getsize(os.path.join(root, f))
-    return total
+def store_bytes(store: Path | RemotePath) -> int:
+    """Bytes the store occupies (file sizes), ignoring the lock, the lease and temporary files."""
+    from pipeline.store.lease import LEASE_KEY
+
+    return tree_bytes(store, lambda f: f in (LOCK_FILE, LEASE_KEY) or f.endswith(".partial"))

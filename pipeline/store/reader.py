@@ -10,6 +10,10 @@ Out-of-core consumers read blocks: ``read_block(name, steps, rows)`` with
 ``rows`` a slice of the leading axis; ``chunk_rows(name)`` is the natural
 block height (reads aligned to it touch no chunk twice). ``to_dask`` /
 ``to_xarray`` give lazy views with the same chunks and a ``step`` coordinate.
+
+A store may live on object storage (``open_run("s3://b/run.zarr",
+storage_options=...)``, see ``location``): its chunks are then read through
+zarr's store object instead of straight from files.
 """
 
 from __future__ import annotations
@@ -25,14 +29,16 @@ from pipeline.errors import PipelineError
 from pipeline.store.chunks import DirectArray, scratch
 from pipeline.store.codec import DEFAULT_KEY_EVERY, as_float, as_logical, decode_positions
 from pipeline.store.layout import TENSORS_GROUP
+from pipeline.store.location import RemotePath, as_location, zarr_store
 from pipeline.store.state import StoreState, read_meta
 
 
 class RunStore:
     """A read-only view of the committed steps of one run store."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | Path | RemotePath,
+                 storage_options: dict[str, Any] | None = None) -> None:
+        self.path = as_location(path, storage_options)
         if read_meta(self.path) is None:
             raise PipelineError("not an rlvr-lin run store", self.path)
         self.refresh()
@@ -107,7 +113,7 @@ class RunStore:
         arr = self._arrays.get(name)
         if arr is None:
             path = f"{TENSORS_GROUP}/{self._entry(name)['path']}"
-            arr = self._arrays[name] = zarr.open_array(str(self.path), path=path, mode="r")
+            arr = self._arrays[name] = zarr.open_array(zarr_store(self.path), path=path, mode="r")
         return arr
 
     def read_bits(self, name: str, steps: slice | list[int] | None = None,
@@ -249,7 +255,7 @@ class _DecodedBits:
         self.ndim = len(self.shape)
 
     def __reduce__(self) -> tuple:
-        return (_reopen_bits, (str(self.store.path), self.name, self.store.steps))
+        return (_reopen_bits, (self.store.path, self.name, self.store.steps))
 
     def __getitem__(self, key: tuple) -> np.ndarray:
         key = key if isinstance(key, tuple) else (key,)
@@ -260,7 +266,7 @@ class _DecodedBits:
         return bits[(slice(None), slice(None), *rest)] if rest else bits
 
 
-def _reopen_bits(path: str, name: str, steps: list[int]) -> _DecodedBits:
+def _reopen_bits(path: str | Path | RemotePath, name: str, steps: list[int]) -> _DecodedBits:
     store = RunStore(path)
     if store.steps[: len(steps)] != steps:
         raise PipelineError("store changed since it was opened (steps differ)", path)
@@ -268,6 +274,7 @@ def _reopen_bits(path: str, name: str, steps: list[int]) -> _DecodedBits:
     return _DecodedBits(store, name)
 
 
-def open_run(store: str | Path) -> RunStore:
-    """Open an ingested run store for reading."""
-    return RunStore(store)
+def open_run(store: str | Path | RemotePath,
+             storage_options: dict[str, Any] | None = None) -> RunStore:
+    """Open an ingested run store for reading (a folder, or an object-store URL)."""
+    return RunStore(store, storage_options)

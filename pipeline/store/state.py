@@ -3,13 +3,13 @@
 All writes that are not tensor chunks live here, in commit order: create
 the layout (only while nothing is committed), grow arrays by one position,
 write the step's record, then set the step's completion marker, then
-refresh the root summary. Everything is local-filesystem zarr, whose writes
-are atomic renames, so a crash leaves either the old or the new file.
+refresh the root summary. Local writes are atomic renames and object-store
+writes single PUTs (``location``), so a crash leaves either the old or the
+new file. ``path`` is a local folder or a ``location.RemotePath``.
 """
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from pipeline.errors import PipelineError
 from pipeline.steps import axis
 from pipeline.store import zmeta
 from pipeline.store.codec import DEFAULT_KEY_EVERY, ENCODING
-from pipeline.store.integrity import TREE_ALGO
+from pipeline.store.integrity import LOCK_FILE, TREE_ALGO
 from pipeline.store.layout import (
     ATTRS_KEY,
     CLEVEL,
@@ -31,6 +31,8 @@ from pipeline.store.layout import (
     TENSORS_GROUP,
     chunk_shape,
 )
+from pipeline.store.lease import LEASE_KEY
+from pipeline.store.location import RemotePath, remove_tree, zarr_store
 from pipeline.store.naming import check_names
 
 
@@ -50,28 +52,31 @@ class TensorEntry:
 
 
 LAYOUT = ("zarr.json", TENSORS_GROUP, RECORDS_GROUP, STEP_ARRAY)  # all a store writes but its lock
+WRITER_FILES = (LOCK_FILE, LEASE_KEY)  # the writer's lock (local) or lease (object store)
 
 
-def discard_layout(store: Path) -> None:
+def discard_layout(store: Path | RemotePath) -> None:
     """Remove a layout that never committed a step (never the folder or its lock file)."""
     for sub in LAYOUT:
         p = store / sub
         if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
+            remove_tree(p)
         elif p.exists() or p.is_symlink():
             p.unlink()
 
 
-def read_meta(store: Path) -> dict[str, Any] | None:
+def read_meta(store: Path | RemotePath) -> dict[str, Any] | None:
     """The store's ``rlvr_lin`` root attributes, or None if there is no store yet."""
+    if isinstance(store, RemotePath):
+        store.probe()  # an unreachable endpoint or a missing bucket is not "no store yet"
     if store.exists() and not store.is_dir():
         raise PipelineError("is a file, not a store folder", store)
     if not (store / "zarr.json").exists():
-        if store.exists() and any(p.name != ".ingest.lock" for p in store.iterdir()):
+        if store.exists() and any(p.name not in WRITER_FILES for p in store.iterdir()):
             raise PipelineError("exists and is not an rlvr-lin run store", store)
         return None
     try:
-        meta = zarr.open_group(str(store), mode="r").attrs.get(ATTRS_KEY)
+        meta = zarr.open_group(zarr_store(store), mode="r").attrs.get(ATTRS_KEY)
     except Exception as e:  # zarr raises several types for damaged metadata
         raise PipelineError(f"cannot open store: {e}", store) from None
     if not isinstance(meta, dict):
@@ -84,7 +89,7 @@ def read_meta(store: Path) -> dict[str, Any] | None:
     return meta
 
 
-def committed_steps(store: Path) -> list[int]:
+def committed_steps(store: Path | RemotePath) -> list[int]:
     """Steps whose completion marker is set (the step axis's protocol: ``steps.axis``)."""
     return axis.committed_steps(store)
 
@@ -93,14 +98,14 @@ def committed_steps(store: Path) -> list[int]:
 class StoreState:
     """Open store for writing (the caller holds the store lock)."""
 
-    path: Path
+    path: Path | RemotePath
     tensors: dict[str, TensorEntry] = field(default_factory=dict)
     steps: list[int] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, path: Path) -> StoreState:
+    def open(cls, path: Path | RemotePath) -> StoreState:
         meta = read_meta(path)
         st = cls(path)
         if meta is None:

@@ -2,7 +2,8 @@
 
 Each task gets plain picklable specs (no open files, no zarr objects) and
 opens what it needs, so it runs on any worker of any cluster that sees the
-same file system. A task owns a contiguous byte range of one weight file:
+same file system (the checkpoints) and the store (a local folder, or an
+object-store ``location.RemotePath``). A task owns a contiguous byte range of one weight file:
 it reads the tensors in it one chunk at a time (memory is a few chunks,
 whatever the task's size), hashes every byte of the range on the way (the
 file digest is combined from fixed 1 MiB blocks, see ``integrity``), and
@@ -43,6 +44,7 @@ from pipeline.store.codec import (
 )
 from pipeline.store.integrity import TREE_BLOCK, block_digest, block_hasher, tree_digest
 from pipeline.store.layout import CLEVEL, TENSORS_GROUP
+from pipeline.store.location import RemotePath, as_location
 
 
 def chunk_codec(itemsize: int) -> Blosc:
@@ -153,10 +155,10 @@ def _pread_rows(fd: int, info: TensorInfo, a: int, b: int) -> tuple[np.ndarray, 
 class _ChunkWriter:
     """Reads and writes whole chunks of the tensor arrays of one store by file path."""
 
-    def __init__(self, store: str) -> None:
-        self.root = Path(store) / TENSORS_GROUP
+    def __init__(self, store: str | Path | RemotePath) -> None:
+        self.root = as_location(store) / TENSORS_GROUP
         self.codecs: dict[int, Blosc] = {}
-        self.dirs: set[Path] = set()
+        self.dirs: set[Path | RemotePath] = set()
         self._scratch: dict[tuple[str, int, str], np.ndarray] = {}
 
     def scratch(self, which: str, n: int, dtype: np.dtype) -> np.ndarray:
@@ -167,7 +169,7 @@ class _ChunkWriter:
             buf = self._scratch[key] = np.empty(n, dtype)
         return buf[:n]
 
-    def path(self, array: str, coords: tuple[int, ...]) -> Path:
+    def path(self, array: str, coords: tuple[int, ...]) -> Path | RemotePath:
         return self.root.joinpath(array, "c", *map(str, coords))
 
     def codec(self, itemsize: int) -> Blosc:
@@ -309,7 +311,7 @@ def same_pieces(rngs: list[RangeSpec]) -> bool:
                                                           for r in rngs[1:])
 
 
-def write_ranges(store: str, indices: list[int], rngs: list[RangeSpec],
+def write_ranges(store: str | Path | RemotePath, indices: list[int], rngs: list[RangeSpec],
                  key_every: int = DEFAULT_KEY_EVERY, after: object = None) -> list[BlockResult]:
     """``write_range`` of consecutive positions whose ranges hold the same pieces.
 
@@ -366,8 +368,8 @@ def write_ranges(store: str, indices: list[int], rngs: list[RangeSpec],
             for n, nf, r, bl in zip(nbytes, nonfinite, rngs, blocks, strict=True)]
 
 
-def write_range(store: str, index: int, rng: RangeSpec, key_every: int = DEFAULT_KEY_EVERY,
-                after: object = None) -> BlockResult:
+def write_range(store: str | Path | RemotePath, index: int, rng: RangeSpec,
+                key_every: int = DEFAULT_KEY_EVERY, after: object = None) -> BlockResult:
     """Encode and write position ``index`` of every piece of ``rng``; hash its bytes.
 
     ``after`` is ignored: it carries the futures (the previous position's
