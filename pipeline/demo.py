@@ -163,6 +163,19 @@ def _checkpoint_folder(run_dir: Path, step: int) -> Path:
     return next(c.path for c in _checkpoints(run_dir) if c.step == step)
 
 
+def show_alarms(store: Path, outputs: Path) -> None:
+    """The linearity alarm (``ingest --alarm-threshold``) over the stored steps, as a table."""
+    from pipeline.extrapolate.alarm import alarm_new_steps, alarm_path, read_alarms
+
+    path = alarm_path(store, outputs)
+    alarm_new_steps(store, path)  # only steps not judged yet
+    rows = [[str(r["step"]), str(r["known"]),
+             "-" if r["rel_error"] is None else f"{float(r['rel_error']):.3f}", r["status"]]
+            for r in read_alarms(path)]
+    print_table(f"linearity alarm: each checkpoint forecast from the two before it ({path.name})",
+                ["step", "from", "relative error", "verdict"], rows)
+
+
 def run_demo(name: str | None, catalog: Path | None, scheduler: str | None) -> None:
     import transformers
 
@@ -188,6 +201,7 @@ def run_demo(name: str | None, catalog: Path | None, scheduler: str | None) -> N
         console.rule("[bold]2. ingest into the step-indexed zarr store")
         print_ingest_report(ingest(run_dir, entry.store, step_pattern=entry.step_pattern,
                                    client=client))
+        show_alarms(entry.store, entry.outputs)
         console.rule("[bold]3. fit every weight element against step")
         fit_dir = entry.outputs / "fit"
         rep = fit_store(entry.store, fit_dir, client=client)

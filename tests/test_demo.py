@@ -26,6 +26,11 @@ def test_demo_end_to_end_then_rerun(tiny_run_bf16: Path, tmp_path: Path) -> None
     run = pipeline.open_run(tmp_path / "run.zarr")
     assert run.steps == list(range(0, 101, 10))
     assert "store / checkpoints" in first.stdout and "median R²" in first.stdout
+    # the linearity alarm judged every checkpoint after the first two, once
+    alarms = [json.loads(line) for line in (tmp_path / "out" / "alarm.jsonl").open()]
+    assert [a["step"] for a in alarms] == list(range(0, 101, 10))
+    assert all(a["status"] in ("ok", "alarm") for a in alarms[2:])
+    assert "linearity alarm" in first.stdout
 
     with open(tmp_path / "out" / "fit" / "summary_layer_module_moving.csv") as f:
         modules = {row["module"] for row in csv.DictReader(f)}
@@ -62,3 +67,4 @@ def test_demo_end_to_end_then_rerun(tiny_run_bf16: Path, tmp_path: Path) -> None
     assert re.search(r"steps skipped \(unchanged\)\s*│\s*11\s", second.stdout)
     assert re.search(r"steps ingested\s*│\s*0\s", second.stdout)
     assert "(0 new)" in second.stdout  # probes kept, no log-prob row recomputed
+    assert len((tmp_path / "out" / "alarm.jsonl").read_text().splitlines()) == 11  # not redone
