@@ -85,6 +85,17 @@ def tiny_run_tied() -> Path:
     return cached_run(TIED_LLAMA)
 
 
+@pytest.fixture(scope="module")
+def cluster():
+    """A client of two real worker processes, shared by one test module."""
+    from distributed import Client, LocalCluster
+
+    with (LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                       dashboard_address=":0", memory_limit="2GiB") as lc,
+          Client(lc) as client):
+        yield client
+
+
 @pytest.fixture
 def copy_run(tmp_path):
     """Copy a cached run into tmp_path so a test may modify it."""

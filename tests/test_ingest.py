@@ -30,16 +30,6 @@ from pipeline.store.ingest import NonFiniteWarning, ingest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    from distributed import Client, LocalCluster
-
-    with (LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                       dashboard_address=":0", memory_limit="2GiB") as lc,
-          Client(lc) as client):
-        yield client
-
-
 def assert_store_matches(store: Path, run: Path, steps: list[int]) -> None:
     r = pipeline.open_run(store)
     assert r.steps == steps

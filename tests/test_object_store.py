@@ -75,16 +75,6 @@ def reference(endpoint, run5, cluster) -> RemotePath:
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    from distributed import Client, LocalCluster
-
-    with (LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                       dashboard_address=":0", memory_limit="2GiB") as lc,
-          Client(lc) as client):
-        yield client
-
-
-@pytest.fixture(scope="module")
 def run5(tiny_run_fp32) -> Path:
     """Five real fp32 checkpoints (steps 0..40)."""
     return tiny_run_fp32

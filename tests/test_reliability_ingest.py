@@ -38,16 +38,6 @@ from pipeline.store.integrity import LOCK_FILE, store_lock
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    from distributed import Client, LocalCluster
-
-    with (LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                       dashboard_address=":0", memory_limit="2GiB") as lc,
-          Client(lc) as client):
-        yield client
-
-
 def cli(cluster, *args: str):
     return CliRunner().invoke(app, ["ingest", *args, "--scheduler", cluster.scheduler.address,
                                     "--no-progress"])

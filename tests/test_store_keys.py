@@ -92,16 +92,6 @@ def test_batches_never_cross_a_key_position(index0: int, n: int, k: int, most: i
 
 # -- real runs -------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def cluster():
-    from distributed import Client, LocalCluster
-
-    with (LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                       dashboard_address=":0", memory_limit="2GiB") as lc,
-          Client(lc) as client):
-        yield client
-
-
 def _torch_steps(run: Path, steps: list[int]) -> dict[int, dict[str, np.ndarray]]:
     return {s: {n: torch_bits(t) for n, t in load_checkpoint_torch(run / f"global_step_{s}")
                 .items()} for s in steps}
