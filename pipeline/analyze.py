@@ -97,11 +97,18 @@ def write_run_report(store: str | Path, fit_dir: str | Path, out: str | Path,
         tokens = open_token_fit(tokens_store, tokens_store.parent / "logprobs.fit")
         if tokens is not None:
             extra += write_token_panels(tokens_store, tokens, out)
-    experiment = Path(outputs) / "rl_extra_experiment" / "accuracy.png" if outputs else None
-    if experiment is not None and experiment.is_file():  # workflows/rl_extra_experiment.py ran
-        extra.append(("RL-Extra vs GRPO: held-out accuracy against real RL steps", experiment))
+    extra += experiment_panels(outputs)
     return write_report(store, fit_dir, out, paper_filters=paper_filters,
                         n_samples=n_samples, extra_images=extra)
+
+
+def experiment_panels(outputs: str | Path | None) -> list[tuple[str, Path]]:
+    """The RL-Extra experiment's plot, if ``workflows/rl_extra_experiment.py`` wrote one into
+    this entry's outputs (its default for the embedded entry)."""
+    png = Path(outputs) / "rl_extra_experiment" / "accuracy.png" if outputs else None
+    if png is None or not png.is_file():
+        return []
+    return [("RL-Extra vs GRPO: held-out accuracy against real RL steps", png)]
 
 
 def default_target(steps: list[int]) -> int:

@@ -174,11 +174,15 @@ def show_alarms(store: Path, outputs: Path) -> None:
             for r in read_alarms(path)]
     print_table(f"linearity alarm: each checkpoint forecast from the two before it ({path.name})",
                 ["step", "from", "relative error", "verdict"], rows)
+    console.print("relative error = ||forecast - real|| / ||real - previous||: 1 is no better "
+                  "than 'no change'. A one-checkpoint forecast carries the noise of three "
+                  "checkpoints, so a linear but noisy run sits near 1 (see docs/rl_extra.md).")
 
 
 def run_demo(name: str | None, catalog: Path | None, scheduler: str | None) -> None:
     import transformers
 
+    from pipeline.analyze import experiment_panels
     from pipeline.compute import dask_client
     from pipeline.extrapolate.backtest import backtest_to_folder, print_backtest
     from pipeline.extrapolate.sources import StoreSource
@@ -214,7 +218,7 @@ def run_demo(name: str | None, catalog: Path | None, scheduler: str | None) -> N
     print_backtest(bt)
     page = write_report(entry.store, fit_dir, report_dir,
                         extra_images=[("Backtest: predicted vs real weights", backtest_png),
-                                      *token_panels])
+                                      *token_panels, *experiment_panels(entry.outputs)])
     console.print(f"report: {page}")
     console.rule("[bold]6. extrapolate in weights and in logits, export, load, evaluate")
     export_and_check(entry, run_dir)
