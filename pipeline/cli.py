@@ -142,8 +142,9 @@ def quiet_dask_workers() -> None:
     import distributed  # noqa: F401  (configures its loggers on import: set ours after)
 
     # a lost scheduler becomes one error line (pipeline.compute.clusters); the client's own
-    # reconnect tracebacks would bury it
-    logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
+    # reconnect tracebacks and its closed-stream notices would bury it
+    for name in ("distributed.client", "distributed.batched", "distributed.comm"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
     preload = list(dask.config.get("distributed.worker.preload", None) or [])
     if WORKER_PRELOAD not in preload:
