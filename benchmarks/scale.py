@@ -31,12 +31,11 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
-import psutil
+from rss import PeakRSS
 from synthetic import QWEN25_1_5B, write_random_walk
 
 from pipeline.compute import dask_client
@@ -46,35 +45,25 @@ from pipeline.store.integrity import store_bytes
 
 
 class WorkerPeaks:
-    """Peak RSS of each (local) Dask worker while the block runs, and restarted workers."""
+    """Peak RSS of each (local) Dask worker while the block runs (``rss.PeakRSS`` per worker),
+    and the workers that were restarted."""
 
     def __init__(self, client, every: float = 0.05) -> None:
         self.client = client
-        self.every = every
         self.pids = dict(client.run(os.getpid))  # address -> pid
         info = client.scheduler_info()["workers"]
         self.limits = {a: int(w.get("memory_limit") or 0) for a, w in info.items()}
-        self.peak = dict.fromkeys(self.pids.values(), 0)
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        procs = {pid: psutil.Process(pid) for pid in self.peak}
-        while not self._stop.is_set():
-            for pid, p in procs.items():
-                try:
-                    self.peak[pid] = max(self.peak[pid], p.memory_info().rss)
-                except psutil.Error:
-                    pass
-            time.sleep(self.every)
+        self.samplers = {pid: PeakRSS(pid, every) for pid in self.pids.values()}
 
     def __enter__(self) -> WorkerPeaks:
-        self._t.start()
+        for sampler in self.samplers.values():
+            sampler.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join()
+        for sampler in self.samplers.values():
+            sampler.__exit__()
+        self.peak = {pid: sampler.peak for pid, sampler in self.samplers.items()}
         self.restarted = sorted(set(self.pids.values()) - set(self.client.run(os.getpid).values()))
 
     def rows(self) -> list[tuple[str, int, int]]:
