@@ -249,6 +249,7 @@ def _finish(S, U, lo, hi, nf, sx, sxx, x0, n_bins, min_change, thr,
     n = hi - lo
     sd, sxd, sdd, se, sxe, see = S[0, :n], S[1, :n], S[2, :n], S[3, :n], S[4, :n], S[5, :n]
     w0, mn, mx, r2r, nr2r = S[8, :n], S[9, :n], S[10, :n], S[R2, :n], S[NR2, :n]
+    slope_t, icpt_t, r2_t, nr2_t = slope[lo:hi], icpt[lo:hi], r2o[lo:hi], nr2o[lo:hi]
     for i in range(n):
         static = sdd[i] == 0.0  # exact: d(first step) = 0; a sum of squares is 0 only if all are
         sxy = sxd[i] - (sx * sd[i]) / nf  # centred sums
@@ -262,10 +263,10 @@ def _finish(S, U, lo, hi, nf, sx, sxx, x0, n_bins, min_change, thr,
         syy_n = see[i] - (se[i] * se[i]) / nf
         syy_n = 0.0 if static else syy_n
         nr2 = _r2(sxy_n, sxx, syy_n)
-        slope[lo + i] = sl
-        icpt[lo + i] = ic
-        r2o[lo + i] = r2
-        nr2o[lo + i] = nr2
+        slope_t[i] = sl  # through slices of the tile: indexed at lo + i, LLVM scattered
+        icpt_t[i] = ic
+        r2_t[i] = r2
+        nr2_t[i] = nr2
         r2r[i] = r2
         nr2r[i] = nr2
     has4 = U[5].view(np.uint32)[:n]  # as ``_accumulate_keys`` writes it
