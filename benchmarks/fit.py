@@ -123,10 +123,18 @@ def _read_task(store: str, pieces: list, n_steps: int) -> int:
 
 
 def _import_read_modules() -> None:
-    """What ``_read_task`` imports (ml_dtypes alone is 1.3-2 s per process here)."""
+    """What ``_read_task`` imports (ml_dtypes alone is 1.3-2 s per process here), and the
+    store's decode kernels, loaded from numba's cache on first use."""
+    import numpy as np
+
     import pipeline.fit.graph
     import pipeline.fit.source
     import pipeline.store.reader  # noqa: F401
+    from pipeline.store.zigzag import decode_into
+
+    for dt in (np.uint16, np.uint32):
+        a = np.zeros(4096, dt)
+        decode_into(a, a, np.empty_like(a))
 
 
 def run_read_pass(store: Path, workers: int, block_bytes: int) -> dict:
@@ -163,14 +171,12 @@ def _warm_fit(backend: str) -> None:
     import ml_dtypes
     import numpy as np
 
-    import pipeline.fit.graph
-    import pipeline.fit.results
-    import pipeline.fit.source
-    import pipeline.store.reader  # noqa: F401
+    import pipeline.fit.results  # noqa: F401
     from pipeline.engine import get_backend
     from pipeline.engine.signs import sign_words
     from pipeline.engine.spec import RESULTS, XStats, codec_for, kernel_inputs
 
+    _import_read_modules()
     be = get_backend(backend)
     for dt in (ml_dtypes.bfloat16, np.float16, np.float32):
         codec = codec_for(np.dtype(dt))

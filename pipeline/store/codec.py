@@ -104,17 +104,29 @@ def encode_inplace(bits: NDArray, base: NDArray) -> NDArray:
 def encode_into(bits: NDArray, base: NDArray, out: NDArray, scratch: NDArray) -> NDArray:
     """``encode(bits, base)`` written into ``out``, ``bits`` left as it is.
 
-    ``scratch`` (same shape and dtype) holds the sign mask: with both
-    buffers reused across chunks, encoding allocates nothing and takes four
-    passes, and the caller keeps ``bits`` as the next step's reference
+    One fused pass (``zigzag.encode_into``) for C-contiguous blocks, else
+    four numpy passes with ``scratch`` (same shape and dtype) holding the
+    sign mask. With the buffers reused across chunks, encoding allocates
+    nothing, and the caller keeps ``bits`` as the next step's reference
     without a copy.
     """
+    if _fused(bits, base, out):
+        from pipeline.store.zigzag import encode_into as fused
+
+        return fused(bits, base, out)
     np.subtract(bits, base, out=out)
     s = out.view(_signed(out.dtype))
     np.right_shift(s, 8 * out.dtype.itemsize - 1, out=scratch.view(s.dtype))
     np.left_shift(s, 1, out=s)
     np.bitwise_xor(out, scratch, out=out)
     return out
+
+
+def _fused(*arrays: NDArray) -> bool:
+    """Whether the one-pass kernels apply: same shape, C-contiguous, not tiny."""
+    a = arrays[0]
+    return (a.size >= 4096 and all(x.shape == a.shape and x.dtype == a.dtype
+                                   and x.flags.c_contiguous for x in arrays))
 
 
 def decode(stored: NDArray, base: NDArray | None, out: NDArray | None = None,
@@ -137,6 +149,10 @@ def decode(stored: NDArray, base: NDArray | None, out: NDArray | None = None,
         return d + base
     if out is None:
         out = np.empty_like(stored)
+    if _fused(stored, base, out):
+        from pipeline.store.zigzag import decode_into
+
+        return decode_into(stored, base, out)
     scratch = stored if overwrite else np.empty_like(stored)
     np.right_shift(stored, one, out=out)
     np.bitwise_and(stored, one, out=scratch)
@@ -173,9 +189,7 @@ def decode_positions(load: Callable[[int], NDArray], idx: list[int], key_every: 
         if ref is None:
             np.copyto(dst, stored)
         else:
-            if not stored.flags.writeable:
-                stored = stored.copy()
-            decode(stored, decoded[ref], out=dst, overwrite=True)
+            decode(stored, decoded[ref], out=dst, overwrite=stored.flags.writeable)
         for k in slots.get(p, [])[1:]:
             np.copyto(out[k, ...], dst)
         # keep position 0 (every key's reference) and p (the next one's); recycle the rest
