@@ -125,16 +125,12 @@ def _read_task(store: str, pieces: list, n_steps: int) -> int:
 def _import_read_modules() -> None:
     """What ``_read_task`` imports (ml_dtypes alone is 1.3-2 s per process here), and the
     store's decode kernels, loaded from numba's cache on first use."""
-    import numpy as np
-
     import pipeline.fit.graph
     import pipeline.fit.source
     import pipeline.store.reader  # noqa: F401
-    from pipeline.store.zigzag import decode_into
+    from pipeline.store.zigzag import warm_up
 
-    for dt in (np.uint16, np.uint32):
-        a = np.zeros(4096, dt)
-        decode_into(a, a, np.empty_like(a))
+    warm_up()
 
 
 def run_read_pass(store: Path, workers: int, block_bytes: int) -> dict:
@@ -166,24 +162,12 @@ def _folder_bytes(p: Path) -> int:
 
 
 def _warm_fit(backend: str) -> None:
-    """What a fit task loads once per worker process: its modules, and the kernel for each
-    dtype a run may hold (numba loads each specialisation from its cache on first call)."""
-    import ml_dtypes
-    import numpy as np
-
+    """What a fit task loads once per worker process: its modules, and the kernels."""
     import pipeline.fit.results  # noqa: F401
-    from pipeline.engine import get_backend
-    from pipeline.engine.signs import sign_words
-    from pipeline.engine.spec import RESULTS, XStats, codec_for, kernel_inputs
+    from pipeline.engine import warm_up
 
     _import_read_modules()
-    be = get_backend(backend)
-    for dt in (ml_dtypes.bfloat16, np.float16, np.float32):
-        codec = codec_for(np.dtype(dt))
-        bits, wide = kernel_inputs(np.zeros((2, 64), dt), codec)
-        out = {r: np.empty(64, np.float32) for r in RESULTS}
-        be.fit(bits, wide, codec, np.array([0.0, 1.0]), sign_words(0, "w", [None, 1], 0, 64), 0,
-               XStats.from_steps([0, 1]), 50, out)
+    warm_up(backend)
 
 
 def run_fit(store: Path, workers: int, block_bytes: int, backend: str, threads: int) -> dict:

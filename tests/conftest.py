@@ -85,6 +85,22 @@ def tiny_run_tied() -> Path:
     return cached_run(TIED_LLAMA)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compiled_kernels() -> None:
+    """numba's kernels for every dtype, compiled once before any worker process starts.
+
+    On a clean clone nothing is in numba's on-disk cache: without this, every
+    Dask worker and CLI process of the first tests compiled the same kernels
+    at once (~90 s of compilation each). Afterwards each process loads them.
+    """
+    from pipeline.engine import warm_up
+    from pipeline.store import zigzag
+
+    for backend in ("numba", "numba-threads"):
+        warm_up(backend)
+    zigzag.warm_up()
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """A client of two real worker processes, shared by one test module."""

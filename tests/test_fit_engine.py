@@ -26,13 +26,6 @@ CPU_BACKENDS = ["numba", "numba-threads", "torch-cpu"]
 N_BINS = 50
 
 
-@pytest.fixture(scope="module", autouse=True)
-def warm() -> None:
-    """Compile (or load from numba's cache) once per worker, not inside a timed test."""
-    for name in ("numba", "numba-threads"):
-        _fit(get_backend(name), np.zeros((2, 3), np.float32), [0, 1], 0, "w", 0)
-
-
 def _fit(be, vals: np.ndarray, steps, seed: int, name: str, flat0: int):
     """One block through a backend: (results, counts)."""
     k = vals.shape[0]

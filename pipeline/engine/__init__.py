@@ -120,5 +120,35 @@ def get_backend(name: str = DEFAULT_BACKEND) -> Backend:
     return be
 
 
+WARM_DTYPES = ("bfloat16", "float16", "float32", "float64")
+
+
+def warm_up(backend: str = DEFAULT_BACKEND, dtypes: tuple[str, ...] = WARM_DTYPES) -> None:
+    """Load (or compile, the first time) the backend's kernel for each dtype, in one pass
+    and in the carry's three calls, on a tiny block.
+
+    numba compiles one specialisation per dtype of bits on its first call
+    (15-22 s each here) and caches it on disk; a process that then starts
+    workers (a test session, a benchmark) makes them load it (well under a
+    second) instead of compiling the same code in every worker at once.
+    """
+    from pipeline.checkpoints.format import logical_dtype
+    from pipeline.engine.signs import sign_words
+    from pipeline.engine.spec import RESULTS, codec_for, kernel_inputs
+
+    be = get_backend(backend)
+    xs, xst = np.array([0.0, 1.0]), XStats.from_steps([0, 1])
+    words = sign_words(0, "w", [None, 1], 0, 64)
+    for name in dtypes:
+        dt = logical_dtype(name)
+        codec = codec_for(dt)
+        bits, wide = kernel_inputs(np.zeros((2, 64), dt), codec)
+        out = {r: np.empty(64, np.float32) for r in RESULTS}
+        be.fit(bits, wide, codec, xs, words, 0, xst, 50, out)
+        carry = be.start(64)
+        be.add(carry, bits, wide, codec, xs, words, 0)
+        be.finish(carry, xst, 50, out)
+
+
 __all__ = ["BACKENDS", "DEFAULT_BACKEND", "DEVICES", "Backend", "BlockCounts", "Codec",
-           "DevicePlan", "XStats", "device_plan", "get_backend"]
+           "DevicePlan", "WARM_DTYPES", "XStats", "device_plan", "get_backend", "warm_up"]

@@ -48,4 +48,14 @@ def encode_into(bits: NDArray, base: NDArray, out: NDArray) -> NDArray:
     return out
 
 
-__all__ = ["decode_into", "encode_into"]
+def warm_up() -> None:
+    """Load (or compile, the first time) both kernels for every unsigned width."""
+    import numpy as np
+
+    for dt in (np.uint8, np.uint16, np.uint32, np.uint64):
+        a = np.zeros(16, dt)
+        decode_into(a, a, np.empty_like(a))
+        encode_into(a, a, np.empty_like(a))
+
+
+__all__ = ["decode_into", "encode_into", "warm_up"]
