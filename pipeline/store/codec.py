@@ -122,10 +122,18 @@ def encode_into(bits: NDArray, base: NDArray, out: NDArray, scratch: NDArray) ->
     return out
 
 
+FUSED_MIN_ELEMENTS = 1 << 20  # below this numpy's passes cost less than importing numba
+
+
 def _fused(*arrays: NDArray) -> bool:
-    """Whether the one-pass kernels apply: same shape, C-contiguous, not tiny."""
+    """Whether the one-pass kernels apply: same shape, C-contiguous, a large block.
+
+    Importing numba and loading the kernels costs ~1 s per process, once; it
+    pays on a real model's chunks (millions of elements), not on a tiny
+    run's, whose many short-lived worker processes then never import it.
+    """
     a = arrays[0]
-    return (a.size >= 4096 and all(x.shape == a.shape and x.dtype == a.dtype
+    return (a.size >= FUSED_MIN_ELEMENTS and all(x.shape == a.shape and x.dtype == a.dtype
                                    and x.flags.c_contiguous for x in arrays))
 
 
