@@ -104,8 +104,8 @@ def encode_inplace(bits: NDArray, base: NDArray) -> NDArray:
 def encode_into(bits: NDArray, base: NDArray, out: NDArray, scratch: NDArray) -> NDArray:
     """``encode(bits, base)`` written into ``out``, ``bits`` left as it is.
 
-    One fused pass (``zigzag.encode_into``) for C-contiguous blocks, else
-    four numpy passes with ``scratch`` (same shape and dtype) holding the
+    One fused pass (``zigzag.encode_into``) for large C-contiguous blocks
+    (``_fused``), else four numpy passes with ``scratch`` (same shape and dtype) holding the
     sign mask. With the buffers reused across chunks, encoding allocates
     nothing, and the caller keeps ``bits`` as the next step's reference
     without a copy.
