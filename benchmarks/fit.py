@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/fit.py --run RUN_DIR [--store S] [--workers 2]
     .venv/bin/python benchmarks/fit.py --synthetic-gb 0.3 0.6 --workdir /tmp/fitbench
+    .venv/bin/python benchmarks/fit.py --issue-run --workdir /tmp/fitbench
 
 Measures, each in its own process tree with RSS sampled every 20 ms
 (peak = largest sum of RSS over the tree, Dask workers and nannies included):
@@ -20,9 +21,10 @@ Measures, each in its own process tree with RSS sampled every 20 ms
   from numba's cache, untimed and printed apart (a one-off per worker process,
   1-2 s here; the baseline's clock also starts after its imports).
 
-With several ``--synthetic-gb`` sizes, each is measured in turn and the fit's
-seconds per (step x element) are compared across sizes (linear growth means
-a ratio near 1).
+``--issue-run`` writes (once) and measures the fit issue's own workload:
+0.5B-model shapes, 4 bf16 random-walk checkpoints, 2.4 GB. With several
+``--synthetic-gb`` sizes, each is measured in turn and the fit's seconds per
+(step x element) are compared across sizes (linear growth means a ratio near 1).
 
 Throughput is checkpoint bytes (safetensors files of the fitted steps) per
 second. ``--synthetic-gb`` writes a bf16 run whose elements move by a few
@@ -248,6 +250,8 @@ def main() -> None:
     ap.add_argument("--run", type=Path, help="checkpoint run directory")
     ap.add_argument("--synthetic-gb", type=float, nargs="+",
                     help="generate a bf16 run of each size (GB) and measure each")
+    ap.add_argument("--issue-run", action="store_true",
+                    help="the fit issue's run: 0.5B shapes, 4 bf16 steps (2.4 GB)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/rlvr-fit-bench"))
     ap.add_argument("--store", type=Path, help="store to use (ingested if missing)")
     ap.add_argument("--workers", type=int, default=2)
@@ -269,8 +273,17 @@ def main() -> None:
         args.store = args.store or args.workdir / "run.zarr"
         measure_size(args)
         return
+    if args.issue_run:
+        from synthetic import ISSUE_0_5B, write_random_walk
+
+        args.run, args.store = args.workdir / "run-issue", args.workdir / "run-issue.zarr"
+        if not args.run.exists():
+            print(f"writing the issue's 4-step 0.5B-shaped bf16 run to {args.run}")
+            write_random_walk(args.run, ISSUE_0_5B, 4)
+        measure_size(args)
+        return
     if args.synthetic_gb is None:
-        ap.error("give --run or --synthetic-gb")
+        ap.error("give --run, --issue-run or --synthetic-gb")
     per_unit = []
     for size in args.synthetic_gb:
         args.run = args.workdir / f"run-{size:g}gb"

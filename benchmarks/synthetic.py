@@ -67,6 +67,10 @@ class Qwen2Shapes:
 # Qwen2.5-1.5B: 1.54 B parameters, 3.09 GB per bf16 checkpoint
 QWEN25_1_5B = Qwen2Shapes(hidden=1536, intermediate=8960, layers=28, vocab=151936, heads=12,
                           kv_heads=2)
+# The fit issue's workload: 0.5B-model shapes (hidden 896, 12 layers, vocab 65536,
+# intermediate 4864, untied head), 0.59 GB per bf16 checkpoint; 4 steps make 2.3 GB
+ISSUE_0_5B = Qwen2Shapes(hidden=896, intermediate=4864, layers=12, vocab=65536, heads=14,
+                         kv_heads=2, tie=False)
 
 
 def _step(bits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
