@@ -136,16 +136,14 @@ def _import_read_modules() -> None:
 
 
 def run_read_pass(store: Path, workers: int, block_bytes: int) -> dict:
-    from pipeline.checkpoints.format import logical_dtype
     from pipeline.compute import dask_client
     from pipeline.fit.graph import fit_rows, plan_tasks
     from pipeline.fit.results import TensorPlan
     from pipeline.store.reader import open_run
 
     src = open_run(store)
-    plans = [TensorPlan(n, src.shape(n), src.dtype(n), fit_rows(
-        src.shape(n), src.chunk_rows(n), logical_dtype(src.dtype(n)).itemsize, block_bytes))
-        for n in src.tensor_names]
+    plans = [TensorPlan(n, src.shape(n), src.dtype(n), fit_rows(src.shape(n), src.chunk_rows(n)))
+             for n in src.tensor_names]
     tasks = plan_tasks(plans, block_bytes)
     with dask_client(n_workers=workers) as c:
         # imports are a one-off per worker process, untimed (the fit warms its backend too)

@@ -100,12 +100,10 @@ def user_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        import click
-
         _OUTPUT.set(None)
         try:
             return fn(*args, **kwargs)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except (typer.Exit, typer.Abort, typer.TyperException):  # typer's own (its click)
             raise
         except PipelineError as e:
             typer.echo(f"error: {e}", err=True)
@@ -398,6 +396,10 @@ def fit_cmd(
         bool, typer.Option(help="headline figures after the authors' filters")
     ] = False,
     full: Annotated[bool, typer.Option(help="refit from scratch even if up to date")] = False,
+    null_elements: Annotated[
+        bool, typer.Option(help="also write each element's null R² (4 more bytes an element; "
+                                "the null's histograms are written either way)")
+    ] = False,
     backend: Annotated[
         BackendName,  # type: ignore[valid-type]
         typer.Option(help="fused kernel backend: numba (CPU, one thread per task), "
@@ -434,7 +436,7 @@ def fit_cmd(
     writing(out or fit_dir_for(store_path))
     quiet_dask_workers()
     rep = fit_store(store_path, out, start=from_step, stop=to_step, scheduler=scheduler,
-                    n_bins=bins, block_bytes=block_bytes, full=full,
+                    n_bins=bins, block_bytes=block_bytes, full=full, null_elements=null_elements,
                     progress=progress, backend=backend_name, executor=executor.value)
     print_headline(rep.histograms["paper" if paper_filters else "moving"])
     how = ("up to date" if not rep.new_steps else "fitted from scratch")

@@ -65,6 +65,24 @@ def check_int(value: int, what: str, low: int | None = None, high: int | None = 
     return value
 
 
+def check_size(value: str | int, what: str) -> int:
+    """Bytes in ``value`` (``"5GB"``, ``"1GiB"``, ``1234``), read by ``dask.utils.parse_bytes``
+    (one size syntax for shards, memory limits and block sizes), if positive."""
+    from dask.utils import parse_bytes
+
+    shown = repr(value) if len(str(value)) <= 40 else repr(str(value)[:40] + "...")
+    if isinstance(value, bool) or (isinstance(value, str) and not value.strip()):
+        raise PipelineError(f"{what} must be a size such as 5GB, got {shown}")
+    try:
+        n = parse_bytes(value)
+    except (ValueError, TypeError, OverflowError):
+        raise PipelineError(f"{what} is not a usable size: {shown} (expected e.g. 5GB, 200MB, "
+                            f"1GiB)") from None
+    if n <= 0:
+        raise PipelineError(f"{what} must be positive, got {shown}")
+    return n
+
+
 Protected = tuple[str, "str | Path"]  # (what it is, e.g. "the store", its path)
 
 

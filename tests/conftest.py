@@ -89,16 +89,13 @@ def tiny_run_tied() -> Path:
 def compiled_kernels() -> None:
     """numba's kernels for every dtype, compiled once before any worker process starts.
 
-    On a clean clone nothing is in numba's on-disk cache: without this, every
-    Dask worker and CLI process of the first tests compiled the same kernels
+    Without numba's on-disk cache (a checkout that skipped ``workflows/setup.sh``),
+    every Dask worker and CLI process of the first tests compiled the same kernels
     at once (~90 s of compilation each). Afterwards each process loads them.
     """
-    from pipeline.engine import warm_up
-    from pipeline.store import zigzag
+    from pipeline.engine import warm_all
 
-    for backend in ("numba", "numba-threads"):
-        warm_up(backend)
-    zigzag.warm_up()
+    warm_all()  # workflows/setup.sh did it at install; here it only loads them
 
 
 @pytest.fixture(scope="module")

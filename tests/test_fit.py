@@ -12,6 +12,7 @@ from pathlib import Path
 import ml_dtypes  # noqa: F401  (bf16 for safetensors)
 import numpy as np
 import pytest
+from fit_checks import assert_same_fit
 from safetensors import safe_open
 from typer.testing import CliRunner
 
@@ -155,10 +156,51 @@ def test_null_is_sane_and_deterministic(store_bf16, fit_bf16, client, tmp_path) 
     again = fit_store(store_bf16, tmp_path / "fit2", client=client, block_bytes=16 << 10,
                       progress=False)
     assert again.tasks > fit_bf16.tasks
-    a, b = open_fit(fit_bf16.fit_dir), open_fit(again.fit_dir)
-    for name in a.tensor_names:
-        for var in ("slope", "intercept", "r2", "null_r2"):
-            np.testing.assert_array_equal(a[name][var].values, b[name][var].values)
+    assert_same_fit(fit_bf16.fit_dir, again.fit_dir)
+
+
+def test_a_fit_writes_twelve_bytes_an_element_and_the_null_on_request(
+        store_bf16, fit_bf16, client, tmp_path) -> None:
+    """Slope, intercept and R² are written (12 bytes an element, chunked as the store, no
+    more padding than the store's chunks); each element's null R² only with
+    ``null_elements``, and ``element_results`` refits any row to the same bits."""
+    from pipeline.fit.job import element_results
+    from pipeline.fit.results import ELEMENTS, RESULT_FIELDS
+    from pipeline.store.reader import open_run
+
+    fit = open_fit(fit_bf16.fit_dir)
+    src = open_run(store_bf16)
+    written = want = 0
+    for name in fit.tensor_names:
+        assert sorted(fit[name].data_vars) == sorted(RESULT_FIELDS), name
+        shape, cr = src.shape(name), src.chunk_rows(name)
+        assert fit.meta["tensors"][name]["chunk_rows"] == (min(cr, shape[0]) if shape else 1)
+        rows = -(-shape[0] // cr) * cr if shape else 1
+        want += len(RESULT_FIELDS) * 4 * rows * int(np.prod(shape[1:], dtype=np.int64))
+    for f in (Path(fit_bf16.fit_dir) / ELEMENTS / "tensors").rglob("c*"):
+        written += f.stat().st_size
+    assert written == want
+    n = sum(int(np.prod(src.shape(t), dtype=np.int64)) for t in fit.tensor_names)
+    assert written <= 12.2 * n  # the store's chunks split the rows evenly: little padding
+
+    full = fit_store(store_bf16, tmp_path / "null.fit", client=client, progress=False,
+                     null_elements=True)
+    nf = open_fit(full.fit_dir)
+    assert full.histograms["moving"].equals(fit_bf16.histograms["moving"])
+    checked = 0
+    for name in fit.tensor_names:
+        shape = src.shape(name)
+        assert sorted(nf[name].data_vars) == sorted((*RESULT_FIELDS, "null_r2")), name
+        for var in RESULT_FIELDS:
+            np.testing.assert_array_equal(nf[name][var].values, fit[name][var].values)
+        for row in sorted({0, shape[0] // 2, shape[0] - 1}) if shape else [0]:
+            again = element_results(fit, name, row)
+            for var in (*RESULT_FIELDS, "null_r2"):
+                stored = nf[name][var].values[row] if shape else nf[name][var].values
+                np.testing.assert_array_equal(again[var], np.ravel(stored),
+                                              err_msg=f"{name} {var} row {row}")
+            checked += 1
+    assert checked >= len(fit.tensor_names)
 
 
 def test_flip_mask_is_counter_based() -> None:
@@ -357,11 +399,8 @@ def test_fit_after_appended_steps_equals_fresh_fit(tiny_run_bf16, copy_run, tmp_
     assert not (upd.fit_dir / ELEMENTS / "state").exists()
     scratch = fit_store(store, tmp_path / "scratch.fit", client=client, full=True,
                         progress=False)
-    a, b = open_fit(upd.fit_dir), open_fit(scratch.fit_dir)
-    assert a.steps == b.steps == [c.step for c in cps]
-    for name in a.tensor_names:
-        for var in ("slope", "intercept", "r2", "null_r2"):
-            np.testing.assert_array_equal(a[name][var].values, b[name][var].values)
+    assert open_fit(upd.fit_dir).steps == [c.step for c in cps]
+    assert_same_fit(upd.fit_dir, scratch.fit_dir)
     for sel in ("moving", "paper"):
         assert upd.histograms[sel].equals(scratch.histograms[sel])
     # and up to date: nothing is read
@@ -462,7 +501,6 @@ def _synthetic_run(root: Path, config_from: Path, width: int) -> Path:
 def test_a_store_replaced_at_the_same_path_is_not_read_through_stale_metadata(
         tiny_run_fp32, tmp_path) -> None:
     """Workers cache open stores; another run ingested where one was deleted must be re-read."""
-    from fit_checks import assert_same_fit
 
     with dask_client(n_workers=1, memory_limit="2GB") as client:
         _replace_and_refit(tiny_run_fp32, tmp_path, client)

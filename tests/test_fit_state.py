@@ -1,6 +1,7 @@
-"""The fit keeps no state (schema 4) on a REAL tiny run: 16 bytes an element written.
+"""The fit keeps no state (since schema 4) on a REAL tiny run: 12 bytes an element written.
 
-A fit writes only the float32 results; an older fit folder (schema 3, with its
+A fit writes only the float32 results (slope, intercept, R²; each element's null
+R² too with ``--null-elements``); an older fit folder (schema 3, with its
 float64 state) is replaced by a fresh fit without stale state; ``keep_state``
 is still accepted (ignored) so older callers keep working; the CLI's
 ``--state/--no-state`` is gone.
@@ -50,7 +51,7 @@ def test_only_float32_results_are_written(store, default_fit, client) -> None:
     elems = _bytes(default_fit.fit_dir / ELEMENTS)
     per_element = elems / src_elems
     print(f"\nfit bytes written per element: {per_element:.2f} (elements.zarr)")
-    assert 16 <= per_element < 16 * 1.3  # 4 float32 results + array metadata
+    assert 12 <= per_element < 12 * 1.3  # 3 float32 results + array metadata
     assert not (default_fit.fit_dir / ELEMENTS / "state").exists()
     meta = read_meta(default_fit.fit_dir)
     assert meta["schema_version"] == SCHEMA_VERSION and "state" not in meta
@@ -109,12 +110,17 @@ def test_cli_has_no_state_option_and_takes_a_backend(store, default_fit, tmp_pat
                                    "--no-progress"])
     assert res.exit_code == 2 and "nope" in res.output and not out.exists()  # Typer's choices
     res = CliRunner(env={"COLUMNS": "200"}).invoke(
-        app, ["fit", str(store), "--out", str(out), "--backend", "torch-cpu", "--no-progress"])
+        app, ["fit", str(store), "--out", str(out), "--backend", "torch-cpu", "--no-progress",
+              "--null-elements"])
     assert res.exit_code == 0, res.output
     assert "fitted from scratch" in res.output
-    # per-element results and counts equal; only the float64 R² sums may round apart
-    a, b = open_fit(out), open_fit(default_fit.fit_dir)
+    # per-element results (each null too) and counts equal the numba backend's; only the
+    # float64 R² sums may round apart
+    numba = fit_store(store, tmp_path / "numba.fit", executor="serial", progress=False,
+                      null_elements=True)
+    a, b = open_fit(out), open_fit(numba.fit_dir)
     for name in a.tensor_names:
+        assert sorted(a[name].data_vars) == ["intercept", "null_r2", "r2", "slope"], name
         for var in ("slope", "intercept", "r2", "null_r2"):
             np.testing.assert_array_equal(a[name][var].values, b[name][var].values)
     for sel in ("moving", "paper"):

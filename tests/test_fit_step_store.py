@@ -6,6 +6,7 @@ import numpy as np
 
 from pipeline.extrapolate.sources import CheckpointSource
 from pipeline.fit import fit_store, open_fit
+from pipeline.fit.results import RESULT_FIELDS
 from pipeline.steps.store import ArraySpec, StepStore, StepStoreRef
 from pipeline.store.ingest import ingest
 
@@ -27,7 +28,8 @@ def test_fit_on_a_generic_step_store_equals_the_weight_store_fit(tiny_run_fp32, 
     a, b = open_fit(tmp_path / "generic.fit"), open_fit(tmp_path / "run.fit")
     assert sorted(a.tensor_names) == sorted(names)
     for n in names:
-        for var in ("slope", "intercept", "r2", "null_r2"):
+        assert sorted(a[n].data_vars) == sorted(b[n].data_vars) == sorted(RESULT_FIELDS)
+        for var in RESULT_FIELDS:
             np.testing.assert_array_equal(a[n][var].values, b[n][var].values,
                                           err_msg=f"{n} {var}")
     # the generic store labels its arrays by name (no decoder layers): its own table

@@ -51,7 +51,8 @@ def _assert_close_fits(a_dir, b_dir) -> None:
     a, b = open_fit(a_dir), open_fit(b_dir)
     assert a.tensor_names == b.tensor_names and a.steps == b.steps
     for name in a.tensor_names:
-        for var in ("slope", "intercept", "r2", "null_r2"):
+        assert sorted(a[name].data_vars) == sorted(b[name].data_vars), name
+        for var in a[name].data_vars:
             x, y = a[name][var].values, b[name][var].values
             np.testing.assert_array_equal(np.isnan(x), np.isnan(y), err_msg=f"{name} {var}")
             np.testing.assert_allclose(x, y, rtol=4 * 2.0**-23, atol=1e-30,

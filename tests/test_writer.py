@@ -15,11 +15,10 @@ from pipeline.checkpoints.writer import (
     INDEX_FILE,
     ShardedWriter,
     TensorSpec,
-    parse_size,
     plan_shards,
     write_tensors,
 )
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, check_size
 
 
 def _tensors() -> dict[str, np.ndarray]:
@@ -97,13 +96,13 @@ def test_plan_shards_keeps_order():
     "text, n", [("200KB", 200_000), ("1GiB", 2**30), ("5GB", 5 * 10**9), ("12", 12), (7, 7)]
 )
 def test_parse_size(text, n):
-    assert parse_size(text) == n
+    assert check_size(text, "--max-shard-size") == n
 
 
 @pytest.mark.parametrize("text", ["", " ", "abc", "0", "-5MB", "5XB", "1e400GB", True])
 def test_parse_size_rejects_junk(text):
     with pytest.raises(PipelineError):
-        parse_size(text)
+        check_size(text, "--max-shard-size")
 
 
 def test_out_of_order_wrong_dtype_and_overflow_are_refused(tmp_path):

@@ -90,7 +90,6 @@ class CheckpointReader:
         self.is_pickle = False
         st, pk = weight_files(self.folder)
         self.tensors: dict[str, TensorInfo] = {}
-        self._pickled: dict[str, Path] = {}
         if (self.folder / SAFETENSORS_INDEX).exists():
             self.files, weight_map = _index_files(self.folder, SAFETENSORS_INDEX)
             self._load_headers()
@@ -140,7 +139,6 @@ class CheckpointReader:
                     raise PipelineError(f"tensor {short(name)} appears in two files", f)
                 self.tensors[name] = TensorInfo(name, f, _pickled_dtype(name, t, f),
                                                 tuple(t.shape), -1, t.numel() * t.element_size())
-                self._pickled[name] = f
 
     @property
     def tensor_names(self) -> list[str]:

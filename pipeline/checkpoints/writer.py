@@ -27,7 +27,7 @@ from typing import BinaryIO
 import numpy as np
 
 from pipeline.dtypes import safetensors_code
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, check_size
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -38,28 +38,6 @@ def safetensors_dtype(dtype: np.dtype | type | str) -> str:
     if code is None:
         raise PipelineError(f"dtype {dtype} cannot be written to safetensors")
     return code
-
-
-def parse_size(size: str | int, what: str = "--max-shard-size") -> int:
-    """Bytes in ``"5GB"``/``"200KB"``/``"1GiB"``/``1234``, as Dask reads sizes (decimal units).
-
-    ``dask.utils.parse_bytes`` does the parsing (one size syntax for shards,
-    memory limits and block sizes); this only turns its errors into one line
-    naming the option (``what``).
-    """
-    from dask.utils import parse_bytes
-
-    shown = repr(size) if len(str(size)) <= 40 else repr(str(size)[:40] + "...")
-    if isinstance(size, bool) or (isinstance(size, str) and not size.strip()):
-        raise PipelineError(f"{what} must be a size such as 5GB, got {shown}")
-    try:
-        n = parse_bytes(size)
-    except (ValueError, TypeError, OverflowError):
-        raise PipelineError(f"{what} is not a usable size: {shown} (expected e.g. 5GB, 200MB, "
-                            f"1GiB)") from None
-    if n <= 0:
-        raise PipelineError(f"{what} must be positive, got {shown}")
-    return n
 
 
 @dataclass(frozen=True)
@@ -188,7 +166,8 @@ class ShardedWriter:
         self.folder = Path(folder)
         self.metadata = dict(metadata or {})
         self.metadata.setdefault("format", "pt")  # transformers refuses files without it
-        limit = parse_size(max_shard_size) if max_shard_size is not None else None
+        limit = (check_size(max_shard_size, "--max-shard-size")
+                 if max_shard_size is not None else None)
         self.shards = plan_shards(list(specs), limit)
         self.files = shard_file_names(len(self.shards))
         self.weight_map = {s.name: f for shard, f in zip(self.shards, self.files, strict=True)

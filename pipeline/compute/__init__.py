@@ -11,14 +11,7 @@ Kernel modules import none of this: they stay arrays in, arrays out.
 
 from __future__ import annotations
 
-from pipeline.compute.clusters import (
-    CLUSTER_KINDS,
-    SCHEDULER_ENV,
-    ClusterSpec,
-    cluster_spec,
-    dask_client,
-)
-from pipeline.compute.executors import EXECUTORS, DaskExecutor, Executor, SerialExecutor
+from pipeline.compute.clusters import cluster_spec, dask_client
+from pipeline.compute.executors import EXECUTORS, SerialExecutor
 
-__all__ = ["CLUSTER_KINDS", "EXECUTORS", "SCHEDULER_ENV", "ClusterSpec", "DaskExecutor",
-           "Executor", "SerialExecutor", "cluster_spec", "dask_client"]
+__all__ = ["EXECUTORS", "SerialExecutor", "cluster_spec", "dask_client"]

@@ -150,5 +150,17 @@ def warm_up(backend: str = DEFAULT_BACKEND, dtypes: tuple[str, ...] = WARM_DTYPE
         be.finish(carry, xst, 50, out)
 
 
+def warm_all() -> None:
+    """Every numba kernel of the project (both CPU backends, the store's zigzag codec) in
+    numba's on-disk cache: ``workflows/setup.sh`` runs it at install, so that no test
+    session, job or worker pays the ~90 s of compilation of a fresh checkout."""
+    from pipeline.store import zigzag
+
+    for backend in ("numba", "numba-threads"):
+        warm_up(backend)
+    zigzag.warm_up()
+
+
 __all__ = ["BACKENDS", "DEFAULT_BACKEND", "DEVICES", "Backend", "BlockCounts", "Codec",
-           "DevicePlan", "WARM_DTYPES", "XStats", "device_plan", "get_backend", "warm_up"]
+           "DevicePlan", "WARM_DTYPES", "XStats", "device_plan", "get_backend", "warm_all",
+           "warm_up"]

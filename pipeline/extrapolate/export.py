@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from pipeline.checkpoints.format import logical_dtype, pread_exact
-from pipeline.checkpoints.writer import ShardedWriter, TensorSpec, parse_size
+from pipeline.checkpoints.writer import ShardedWriter, TensorSpec
 from pipeline.compute.threads import compute_threads
-from pipeline.errors import PipelineError, check_int, check_number
+from pipeline.errors import PipelineError, check_int, check_number, check_size
 from pipeline.extrapolate import kernels as K
 from pipeline.extrapolate import methods as M
 from pipeline.extrapolate.plan import (
@@ -399,7 +399,7 @@ def check_shard_size(size: str | int | None) -> None:
     """Parse ``--max-shard-size`` now, so a bad one fails before anything is written."""
     if size is None:
         return
-    parse_size(size, "--max-shard-size")
+    check_size(size, "--max-shard-size")
 
 
 def _inside(filename: object, folder: Path) -> bool:

@@ -6,12 +6,14 @@ share a task, so the number of tasks follows the bytes, not the tensor
 count. A task reads every step of a piece at once (up to
 ``READ_BUDGET_BYTES``) through the ``SourceRef``, runs the fused kernel of
 ``pipeline.engine`` on it in one pass, writes the float32 results of its own
-chunks and returns only small additive summaries (histograms, counts).
+chunks (slope, intercept, R²; each element's null R² only on request) and
+returns only small additive summaries (histograms, counts, the null's among them).
 No float64 state is written: a fit after appended steps re-reads the
 compressed store, which is smaller than any state (see ``job``). Memory per
 task is bounded by its block: the steps read, 16 bytes of results per
-element, and, only when the steps do not fit one read, a carry of 120
-bytes per element in RAM; never by the model or the number of steps.
+element (the null's included, written or not), and, only when the steps do
+not fit one read, a carry of 120 bytes per element in RAM; never by the
+model or the number of steps.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pipeline.compute.executors import Executor
 from pipeline.engine import DEFAULT_BACKEND, BlockCounts, get_backend
 from pipeline.engine.signs import sign_offset, sign_words
 from pipeline.engine.spec import RESULTS, SELECTIONS, XStats, codec_for, kernel_inputs
-from pipeline.fit.results import TensorPlan, write_piece
+from pipeline.fit.results import RESULT_FIELDS, TensorPlan, write_piece
 from pipeline.fit.source import SourceRef
 from pipeline.store.layout import Piece, group_tasks, plan_pieces
 from pipeline.workspace import Workspace
@@ -46,6 +48,7 @@ class FitConfig:
     seed: int
     n_bins: int
     backend: str = DEFAULT_BACKEND  # a key of ``pipeline.engine.BACKENDS``
+    fields: tuple[str, ...] = RESULT_FIELDS  # the per-element arrays written
 
 
 @dataclass
@@ -107,11 +110,15 @@ def plan_tasks(tensors: Sequence[TensorPlan], block_bytes: int) -> list[list[Pie
     return group_tasks(pieces, block_bytes)
 
 
-def fit_rows(shape: tuple[int, ...], source_chunk_rows: int, itemsize: int,
-             block_bytes: int) -> int:
-    """Rows per fit chunk: the height of a fit piece (a whole number of store chunks)."""
-    ps = plan_pieces("", shape, itemsize, source_chunk_rows, block_bytes)
-    return ps[0].stop - ps[0].start if shape else 1
+def fit_rows(shape: tuple[int, ...], source_chunk_rows: int) -> int:
+    """Rows per fit chunk: the source's own chunk rows.
+
+    Every piece is a whole number of source chunks, so a piece writes whole fit
+    chunks, and a tensor's last fit chunk carries no more padding than the
+    source's (zarr writes an uncompressed edge chunk whole: chunks of a piece's
+    height padded the tail piece of an MLP matrix to 1.44x its rows).
+    """
+    return max(1, min(source_chunk_rows, shape[0])) if shape else 1
 
 
 def _row_elems(shape: tuple[int, ...]) -> int:
@@ -160,8 +167,24 @@ def workspace() -> Workspace:
 
 def fit_piece(src: Any, t: TensorPlan, piece: Piece, cfg: FitConfig,
               xst: XStats) -> TensorSummary:
-    """Fit one piece over every step of the window, write its results, summarise it.
+    """Fit one piece over every step of the window, write its results, summarise it."""
+    m = (piece.stop - piece.start) * _row_elems(t.shape) if t.shape else 1
+    if m == 0:  # a zero-element tensor (a 0 in its shape): nothing to read, fit or write
+        return empty_summary(cfg.n_bins)
+    out, counts = fit_block(src, t, piece, cfg, xst)
+    write_piece(cfg.fit_dir, t, slice(piece.start, piece.stop) if t.shape else None, out,
+                cfg.fields)
+    return summary_of(counts, m)
 
+
+def fit_block(src: Any, t: TensorPlan, piece: Piece, cfg: FitConfig,
+              xst: XStats) -> tuple[dict[str, np.ndarray], BlockCounts]:
+    """Every result of one piece's elements (null R² included) and its counts, unwritten.
+
+    Any rows: an element's results do not depend on the block it is fitted
+    in (the null's signs are keyed by its flat index), so the report fits the
+    row of a sampled element alone to get the null R² a fit did not write.
+    The arrays are this thread's workspace buffers, reused by its next call.
     Usually all steps are read at once (``READ_BUDGET_BYTES``) and fitted in
     one fused pass; a piece whose steps do not fit one read is read a batch
     of steps at a time into the backend's carry (RAM only).
@@ -170,8 +193,6 @@ def fit_piece(src: Any, t: TensorPlan, piece: Piece, cfg: FitConfig,
     rows = slice(piece.start, piece.stop) if t.shape else None
     flat0 = piece.start * _row_elems(t.shape) if t.shape else 0
     m = (piece.stop - piece.start) * _row_elems(t.shape) if t.shape else 1
-    if m == 0:  # a zero-element tensor (a 0 in its shape): nothing to read, fit or write
-        return empty_summary(cfg.n_bins)
     dtype = logical_dtype(t.dtype)
     codec = codec_for(dtype)
     be = get_backend(cfg.backend)
@@ -200,8 +221,7 @@ def fit_piece(src: Any, t: TensorPlan, piece: Piece, cfg: FitConfig,
             bits, wide, words = read(i, j)
             be.add(carry, bits, wide, codec, xs[i:j], words, off)
         counts = be.finish(carry, xst, cfg.n_bins, out)
-    write_piece(cfg.fit_dir, t, rows, out)
-    return summary_of(counts, m)
+    return out, counts
 
 
 def summary_of(counts: BlockCounts, m: int) -> TensorSummary:

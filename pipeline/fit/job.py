@@ -10,11 +10,12 @@ No state: a fit after appended steps re-reads every step of the window from
 the compressed store, so it equals a fresh fit bit for bit. Measured on a
 12-step bf16 synthetic store (benchmarks/fit.py, 12.8 M elements): the old
 float64 state made a fit write 35.8 bytes per element (after lz4), the whole
-store is 5.4 bytes per element (0.45 per step), and a fit now writes 16.0
-(its float32 results). A compact 16-byte state would write 14.5 bytes per
-element on every update and read them back (1.1 s here against a 7.4 s
-refit, so it would save time per appended step), but 16 bytes can't hold
-the float64 sums, so an updated fit would no longer equal a fresh one.
+store is 5.4 bytes per element (0.45 per step), and a fit now writes 12
+(its float32 slope, intercept and R²; 16 with each element's null R²). A
+compact 16-byte state would write 14.5 bytes per element on every update
+and read them back (1.1 s here against a 7.4 s refit, so it would save time
+per appended step), but 16 bytes can't hold the float64 sums, so an updated
+fit would no longer equal a fresh one.
 """
 
 from __future__ import annotations
@@ -25,14 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import xarray as xr
 
-from pipeline.checkpoints.format import logical_dtype
 from pipeline.compute.executors import DEFAULT_EXECUTOR, EXECUTORS
 from pipeline.dtypes import dtype_name
-from pipeline.engine import BACKENDS, DEFAULT_BACKEND
+from pipeline.engine import BACKENDS, DEFAULT_BACKEND, XStats
 from pipeline.errors import PipelineError, check_int, check_output
-from pipeline.fit.graph import FitConfig, fit_rows, plan_tasks, run_graph
+from pipeline.fit.graph import FitConfig, fit_block, fit_rows, plan_tasks, run_graph
 from pipeline.fit.histograms import build_dataset
 from pipeline.fit.results import (
     ELEMENTS,
@@ -44,11 +45,13 @@ from pipeline.fit.results import (
     create_fit,
     fit_dir_for,
     read_meta,
+    result_fields,
     save_outputs,
     write_meta,
 )
 from pipeline.fit.source import SourceRef, StoreRef, store_inputs
 from pipeline.steps.source import weight_labels
+from pipeline.store.layout import Piece
 from pipeline.store.location import RemotePath, as_location
 
 DEFAULT_BLOCK_BYTES = 4 << 20  # checkpoint bytes per step per task
@@ -112,7 +115,7 @@ def _window(steps: list[int], start: int | None, stop: int | None) -> tuple[int,
 
 def _previous(meta: dict[str, Any] | None, plans: list[TensorPlan],
               window: tuple[int | None, int | None], seed: int, block_bytes: int,
-              n_bins: int) -> list[int]:
+              n_bins: int, fields: tuple[str, ...]) -> list[int]:
     """Steps of a complete stored fit of the same schema, options and tensors ([] if none).
 
     When they are the window's steps, the stored fit is current and nothing is read.
@@ -121,6 +124,7 @@ def _previous(meta: dict[str, Any] | None, plans: list[TensorPlan],
         return []
     same = (meta.get("seed") == seed and meta.get("block_bytes") == block_bytes
             and meta.get("n_bins") == n_bins and list(meta.get("window", [])) == list(window)
+            and tuple(meta.get("fields", ())) == fields
             and meta.get("tensors") == {p.name: _plan_json(p) for p in plans})
     return list(meta.get("steps", [])) if same else []
 
@@ -147,6 +151,7 @@ def fit_store(
     backend: str = DEFAULT_BACKEND,
     executor: str = DEFAULT_EXECUTOR,
     keep_state: bool | None = None,
+    null_elements: bool = False,
 ) -> FitReport:
     """Fit slope, intercept and R² of every element against step; update in place if possible.
 
@@ -160,6 +165,9 @@ def fit_store(
     where tasks run (``pipeline.compute.EXECUTORS``: ``dask`` on ``client`` or
     the cluster ``scheduler`` names, ``serial`` in this process for debugging).
     ``keep_state`` is accepted and ignored: since schema 4 no state is kept.
+    ``null_elements`` also writes each element's null R² (``null_r2``, 4 more
+    bytes an element); without it the null is in the histograms and means
+    only, and ``element_results`` recomputes it for the elements one looks at.
     ``store`` and ``out`` may be object-store URLs (``storage_options`` reach
     both); every task then reads the store and writes its results there.
     """
@@ -180,11 +188,12 @@ def fit_store(
     for name in src.tensor_names:
         shape = tuple(src.shape(name))
         dt = dtype_name(src.dtype(name))  # a name (JSON) whatever the source returns
-        rows = fit_rows(shape, src.chunk_rows(name), logical_dtype(dt).itemsize, block_bytes)
+        rows = fit_rows(shape, src.chunk_rows(name))
         plans.append(TensorPlan(name, shape, dt, rows))
         _ = plans[-1].path  # its array key: a name that cannot be one fails before any write
     window = (start, stop)
-    prev = _previous(read_meta(fit_dir), plans, window, seed, block_bytes, n_bins)
+    fields = result_fields(null_elements)
+    prev = _previous(read_meta(fit_dir), plans, window, seed, block_bytes, n_bins, fields)
     if not full and prev == steps:  # nothing new: the stored fit is current
         hists = {sel: FitResult(fit_dir).histograms(sel) for sel in SELECTIONS}
         return FitReport(fit_dir, steps, [], False, 0, 0, time.perf_counter() - t0, hists)
@@ -192,14 +201,14 @@ def fit_store(
     meta = {"schema_version": SCHEMA_VERSION, "store": str(store.resolve()), "steps": steps,
             "window": list(window), "seed": seed, "block_bytes": block_bytes, "n_bins": n_bins,
             "tensors": {p.name: _plan_json(p) for p in plans}, "complete": False,
-            "backend": backend,
+            "backend": backend, "fields": list(fields),
             "x": "step - steps[0] (slope per training step, intercept at step 0)"}
     fit_dir.mkdir(parents=True, exist_ok=True)
     create_fit(fit_dir, plans, meta)  # incomplete until every task and output is written
     tasks = plan_tasks(plans, block_bytes)
     # tasks get the fit folder as a path string, or the (picklable) RemotePath itself
     task_dir: Any = fit_dir if isinstance(fit_dir, RemotePath) else str(fit_dir)
-    cfg = FitConfig(task_dir, tuple(steps), i0, seed, n_bins, backend)
+    cfg = FitConfig(task_dir, tuple(steps), i0, seed, n_bins, backend, fields)
     n_read = len(steps)
     step_bytes = sum(p.nbytes for t in tasks for p in t)
     totals = _run(executor, client, scheduler, ref, {p.name: p for p in plans}, tasks, cfg,
@@ -214,6 +223,31 @@ def fit_store(
     write_meta(fit_dir, meta)
     return FitReport(fit_dir, steps, new_steps, False, len(tasks), step_bytes * n_read,
                      time.perf_counter() - t0, hists)
+
+
+def element_results(fit: FitResult, name: str, row: int,
+                    source: SourceRef | None = None) -> dict[str, np.ndarray]:
+    """Every result of one row of a fitted tensor (null R² included), fitted again.
+
+    The row is read from the store the fit read and fitted alone, with the
+    fit's window, seed and backend: an element's results do not depend on the
+    block (``fit_block``), so they equal the fit's, and the null R² a fit
+    without ``null_elements`` did not write costs one row's read.
+    """
+    meta = fit.meta
+    src = (source or StoreRef.of(meta["store"])).open()
+    steps = [int(s) for s in meta["steps"]]
+    have = list(src.steps)
+    i0 = have.index(steps[0]) if steps[0] in have else -1
+    if i0 < 0 or have[i0:i0 + len(steps)] != steps:
+        raise PipelineError(f"the store no longer holds the fit's steps {steps}", meta["store"])
+    t = TensorPlan(name, tuple(meta["tensors"][name]["shape"]), meta["tensors"][name]["dtype"],
+                   int(meta["tensors"][name]["chunk_rows"]))
+    piece = Piece(name, row, row + 1, 0) if t.shape else Piece(name, 0, 1, 0)
+    cfg = FitConfig(str(fit.path), tuple(steps), i0,
+                    int(meta["seed"]), int(meta["n_bins"]), meta.get("backend", DEFAULT_BACKEND))
+    out, _ = fit_block(src, t, piece, cfg, XStats.from_steps(steps))
+    return {k: v.copy() for k, v in out.items()}
 
 
 def _check_fit_place(fit_dir: Path | RemotePath, store: Path | RemotePath, src: Any) -> None:

@@ -158,11 +158,6 @@ class FitState:
                                   for f in F64_FIELDS]), bits)
 
 
-def state_nbytes_per_element(dtype: np.dtype) -> int:
-    """Bytes of state kept per element for a logical dtype (for planning and docs)."""
-    return len(BITS_FIELDS) * np.dtype(dtype).itemsize + len(F64_FIELDS) * 8
-
-
 def init_state(w: np.ndarray, ws: Workspace | None = None) -> FitState:
     """State after the first step of the window: d = 0, e = 0, nothing seen but w0."""
     w = np.ascontiguousarray(w).reshape(-1)

@@ -5,10 +5,14 @@
     run.fit/                     beside ``run.zarr`` (or the catalog's outputs/fit)
       elements.zarr/             attrs["rlvr_lin_fit"]: steps fitted, window, x sums, seed,
                                  block size, tensor table, ``complete`` (set last)
-        tensors/<escaped>/       slope, intercept, r2, null_r2: float32, the tensor's shape,
-                                 dims dim_0.. (r2 and null_r2 are NaN where static)
-                                 (16 bytes an element: the only per-element bytes written;
-                                 no float64 state since schema 4, see ``job``)
+        tensors/<escaped>/       slope, intercept, r2: float32, the tensor's shape, dims
+                                 dim_0.. (r2 is NaN where static), chunked as the store;
+                                 12 bytes an element, the only per-element bytes written
+                                 (no float64 state since schema 4, see ``job``). null_r2
+                                 too (16 bytes) when the fit was asked for each element's
+                                 null (``null_elements``): its histograms and means are
+                                 kept either way, and ``element_results`` recomputes it
+                                 for a few elements (the report's trajectories)
       histograms.zarr/           groups ``moving`` and ``paper``: xarray Datasets (tensor x bin)
       summary_*.csv              per tensor, per layer x module, overall
 
@@ -42,12 +46,19 @@ from pipeline.store.location import (
 )
 from pipeline.store.naming import escape_name
 
-# 2: n_nonfinite in the histograms; 3: min/max as raw bits; 4: the fused kernel, no state
-SCHEMA_VERSION = 4
+# 2: n_nonfinite in the histograms; 3: min/max as raw bits; 4: the fused kernel, no state;
+# 5: the fields written are listed (meta "fields"), null_r2 only on request
+SCHEMA_VERSION = 5
 ATTRS_KEY = "rlvr_lin_fit"
 ELEMENTS = "elements.zarr"
 HISTOGRAMS = "histograms.zarr"
-RESULT_FIELDS = ("slope", "intercept", "r2", "null_r2")
+RESULT_FIELDS = ("slope", "intercept", "r2")  # written by every fit
+NULL_FIELD = "null_r2"  # written only with ``null_elements`` (4 more bytes an element)
+
+
+def result_fields(null_elements: bool) -> tuple[str, ...]:
+    """The per-element arrays a fit writes."""
+    return (*RESULT_FIELDS, NULL_FIELD) if null_elements else RESULT_FIELDS
 SELECTIONS = ("moving", "paper")
 
 
@@ -111,7 +122,7 @@ def create_fit(fit_dir: str | Path | RemotePath, tensors: list[TensorPlan],
     """Create every array of a fresh fit (metadata only; tasks fill the chunks).
 
     Opened with mode "w": whatever an older fit left (a ``state`` group of
-    schema 3 included) is replaced.
+    schema 3 included) is replaced. ``meta["fields"]`` names the arrays.
     """
     fit_dir = as_location(fit_dir)
     root = zarr.open_group(zarr_store(fit_dir / ELEMENTS), mode="w")
@@ -125,7 +136,7 @@ def create_fit(fit_dir: str | Path | RemotePath, tensors: list[TensorPlan],
     for t in tensors:
         chunks = t.chunks()
         zmeta.write_node(folder / t.path, zmeta.group_doc())
-        for f in RESULT_FIELDS:
+        for f in meta["fields"]:
             doc = templates.get(len(t.shape))
             if doc is None:
                 tg.require_group(t.path).create_array(
@@ -146,8 +157,8 @@ def _region(shape: tuple[int, ...], rows: slice | None) -> tuple:
 
 
 def write_piece(fit_dir: str | Path | RemotePath, t: TensorPlan, rows: slice | None,
-                results: dict[str, np.ndarray]) -> None:
-    """Write one piece's float32 results; rows are a whole number of chunks.
+                results: dict[str, np.ndarray], fields: tuple[str, ...]) -> None:
+    """Write one piece's float32 ``fields``; rows are a whole number of chunks.
 
     The result arrays are uncompressed little-endian float32 with "." chunk
     keys (``create_fit``), so a chunk file ``c.<i>.0`` is the chunk's bytes,
@@ -158,7 +169,7 @@ def write_piece(fit_dir: str | Path | RemotePath, t: TensorPlan, rows: slice | N
     """
     root = as_location(fit_dir) / ELEMENTS
     if not t.shape or rows is None:
-        for f in RESULT_FIELDS:
+        for f in fields:
             arr = zarr.open_array(zarr_store(root), path=f"tensors/{t.path}/{f}", mode="r+")
             arr[...] = results[f].astype(np.float32, copy=False).reshape(t.shape)
         return
@@ -169,7 +180,7 @@ def write_piece(fit_dir: str | Path | RemotePath, t: TensorPlan, rows: slice | N
         raise ValueError(f"rows {rows.start}:{rows.stop} of {t.name} are not whole chunks of {cr}")
     tail = "".join(".0" for _ in t.shape[1:])
     pad = np.full(cr * row_items, np.nan, "<f4")
-    for f in RESULT_FIELDS:
+    for f in fields:
         vals = results[f].astype("<f4", copy=False).reshape(-1)
         folder = root / "tensors" / t.path / f
         for j in range(rows.start // cr, -(-rows.stop // cr)):
@@ -183,7 +194,8 @@ def write_piece(fit_dir: str | Path | RemotePath, t: TensorPlan, rows: slice | N
 
 
 class FitResult:
-    """A finished fit: ``fit[name]`` is an xarray Dataset with slope, intercept, r2, null_r2.
+    """A finished fit: ``fit[name]`` is an xarray Dataset with slope, intercept, r2 (and
+    null_r2 when the fit wrote each element's null).
 
     Arrays are lazy (dask-backed), so a large model's fit opens instantly.
     ``histograms(selection)`` gives the R² histograms ("moving": every element

@@ -116,7 +116,7 @@ def fit_tokens(store: str | Path, out: str | Path | None = None, *,
                            ("the probes file", Path(lps.attrs.get("probes_file", store)))],
                  option="--fit-out")  # the fit itself refuses the store
     rep = fit_store(store, fit_dir, source=StepStoreRef(str(store), KIND), executor=executor,
-                    progress=progress)
+                    progress=progress, null_elements=True)  # the token table shows each null
     table = token_table(store, rep.fit_dir, min_change)
     summary = summarize(table, min_change)
     doc = {"store": str(store.resolve()), "steps": rep.steps, "min_change": min_change,

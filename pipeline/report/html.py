@@ -16,8 +16,10 @@ import numpy as np
 from pipeline.console import progress_bar
 from pipeline.errors import PipelineError, check_output
 from pipeline.fit.histograms import summary_frames
+from pipeline.fit.job import element_results
 from pipeline.fit.names import display_name
-from pipeline.fit.results import FitResult
+from pipeline.fit.results import NULL_FIELD, FitResult
+from pipeline.fit.source import StoreRef
 from pipeline.report import plots
 
 PAGE = "index.html"
@@ -60,12 +62,17 @@ def sample_trajectories(store: str | Path, fit: FitResult, selection_ds, n: int,
         idx = np.unravel_index(flat, shape) if shape else ()
         rows = slice(int(idx[0]), int(idx[0]) + 1) if shape else None
         block = src.read_block(name, positions, rows).astype(np.float64)
-        values = block.reshape(len(positions), -1)[:, int(np.ravel_multi_index(
-            (0, *idx[1:]), (1, *shape[1:]))) if shape else 0]
+        col = int(np.ravel_multi_index((0, *idx[1:]), (1, *shape[1:]))) if shape else 0
+        values = block.reshape(len(positions), -1)[:, col]
         at = [float(np.asarray(res[v].values).reshape(-1)[flat])
-              for v in ("slope", "intercept", "r2", "null_r2")]
+              for v in ("slope", "intercept", "r2")]
+        if NULL_FIELD in res:
+            null = float(np.asarray(res[NULL_FIELD].values).reshape(-1)[flat])
+        else:  # a fit without each element's null: fit the sampled element's row again
+            again = element_results(fit, name, int(idx[0]) if shape else 0, StoreRef.of(store))
+            null = float(again[NULL_FIELD][col])
         out.append(plots.Trajectory(display_name(name), tuple(int(i) for i in idx),
-                                    np.asarray(steps, float), values, *at))
+                                    np.asarray(steps, float), values, *at, null))
     return out
 
 

@@ -40,7 +40,6 @@ from pipeline.store.layout import (
     DEFAULT_BLOCK_BYTES,
     DEFAULT_CHUNK_BYTES,
     Piece,
-    chunk_rows,
     group_tasks,
     plan_pieces,
 )
@@ -228,11 +227,10 @@ def _plan_ranges(state: StoreState, reader: CheckpointReader,
     so hashing each range gives the whole file's digest; each holds whole
     chunks of the tensors in it, so no two tasks write the same chunk.
     """
-    chunk_bytes = int(state.meta.get("chunk_bytes", DEFAULT_CHUNK_BYTES))
     by_file: dict[Path, list] = {f: [] for f in reader.files}
     for info in sorted(reader.tensors.values(), key=lambda i: (str(i.file), i.offset)):
         itemsize = info.nbytes // max(1, _numel(info.shape)) if info.nbytes else 1
-        rows = chunk_rows(info.shape, itemsize, chunk_bytes)
+        rows = state.chunk_rows(info.name)
         entry = state.tensors[info.name]
         for p in plan_pieces(info.name, info.shape, itemsize, rows, block_bytes):
             by_file.setdefault(info.file, []).append(
@@ -416,15 +414,16 @@ class _Ingester:
     def _run_steps(self, state: StoreState, index0: int,
                    items: list[tuple[Checkpoint, CheckpointReader]]) -> None:
         from distributed import as_completed
-        from tqdm.auto import tqdm
+
+        from pipeline.console import progress_bar
 
         try:
             self.nthreads = max(1, sum(self.client.nthreads().values()))
         except Exception:  # a client without worker info
             self.nthreads = 2
         total = sum(i.nbytes for _, r in items for i in r.tensors.values())
-        bar = tqdm(total=total, unit="B", unit_scale=True, disable=not self.opts.progress,
-                   desc=f"steps {items[0][0].step}..{items[-1][0].step}", leave=False)
+        bar = progress_bar(total, f"steps {items[0][0].step}..{items[-1][0].step}", unit="B",
+                           enabled=self.opts.progress)
         # batches never cross a key position, at most STEPS_PER_TASK steps; two in flight, so
         # the workers start on the next batch while the last tasks of the previous one finish
         key_every = int(state.meta.get("key_every", DEFAULT_KEY_EVERY))

@@ -41,13 +41,22 @@ CLEVEL = 1  # blosc zstd level 1 + byte shuffle: smallest and fastest on real bf
 
 def chunk_rows(shape: tuple[int, ...], itemsize: int,
                chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """Leading-axis extent of a chunk: as many rows as fit in ``chunk_bytes``, at least one."""
+    """Leading-axis extent of a chunk: at most ``chunk_bytes`` (at least one row), with the
+    rows split evenly over as few chunks as that allows.
+
+    zarr keeps an edge chunk whole, padded to the chunk shape, and the fit's results
+    (uncompressed, chunked as the store) pay for that padding in bytes written: a
+    4864-row MLP matrix in 4 MB chunks was 2340 + 2340 + 184 rows, 1.44x its size.
+    Split evenly it is 3 x 1622 rows. Stores laid out before this rule keep their own
+    chunks (``TensorEntry.chunk_rows`` is then read from the arrays).
+    """
     if not shape:
         return 1
     row = itemsize
     for s in shape[1:]:
         row *= s
-    return max(1, min(shape[0], chunk_bytes // max(row, 1)))
+    most = max(1, min(shape[0], chunk_bytes // max(row, 1)))
+    return -(-shape[0] // -(-shape[0] // most)) if shape[0] else most
 
 
 def chunk_shape(shape: tuple[int, ...], itemsize: int,

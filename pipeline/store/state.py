@@ -46,9 +46,11 @@ class TensorEntry:
     path: str
     dtype: str
     shape: tuple[int, ...]
+    chunk_rows: int | None = None  # None: a store laid out before it was recorded
 
     def as_json(self) -> dict[str, Any]:
-        return {"path": self.path, "dtype": self.dtype, "shape": list(self.shape)}
+        return {"path": self.path, "dtype": self.dtype, "shape": list(self.shape),
+                "chunk_rows": self.chunk_rows}
 
 
 LAYOUT = ("zarr.json", TENSORS_GROUP, RECORDS_GROUP, STEP_ARRAY)  # all a store writes but its lock
@@ -113,7 +115,8 @@ class StoreState:
         st.meta = meta
         st.steps = committed_steps(path)
         if st.steps:
-            st.tensors = {n: TensorEntry(t["path"], t["dtype"], tuple(t["shape"]))
+            st.tensors = {n: TensorEntry(t["path"], t["dtype"], tuple(t["shape"]),
+                                         t.get("chunk_rows"))
                           for n, t in meta["tensors"].items()}
         for i in range(len(st.steps)):
             st.records.append(axis.read_record(path, i))
@@ -132,7 +135,10 @@ class StoreState:
                                 f"committed steps", self.path)
         discard_layout(self.path)
         paths = check_names(sorted(table))
-        self.tensors = {n: TensorEntry(paths[n], d, s) for n, (d, s) in table.items()}
+        chunks = {n: chunk_shape(s, bits_dtype(d).itemsize, chunk_bytes)
+                  for n, (d, s) in table.items()}
+        self.tensors = {n: TensorEntry(paths[n], d, s, chunks[n][1] if s else 1)
+                        for n, (d, s) in table.items()}
         self.meta = {
             "schema_version": SCHEMA_VERSION,
             "encoding": ENCODING,
@@ -150,9 +156,18 @@ class StoreState:
         for name, t in self.tensors.items():
             bd = bits_dtype(t.dtype)
             zmeta.write_node(self.path / TENSORS_GROUP / t.path, zmeta.array_doc(
-                (0, *t.shape), bd, chunk_shape(t.shape, bd.itemsize, chunk_bytes), 0,
+                (0, *t.shape), bd, chunks[name], 0,
                 [compressor(bd.itemsize)], {"name": name, "dtype": t.dtype, "encoding": ENCODING},
                 ["step", *(f"dim_{i}" for i in range(len(t.shape)))]))
+
+    def chunk_rows(self, name: str) -> int:
+        """Rows per stored chunk of a tensor: from the layout, or read from its array."""
+        t = self.tensors[name]
+        if t.chunk_rows is None:
+            chunks = zmeta.read_node(self.path / TENSORS_GROUP / t.path)["chunk_grid"]
+            grid = chunks["configuration"]["chunk_shape"]
+            t.chunk_rows = int(grid[1]) if len(grid) > 1 else 1
+        return t.chunk_rows
 
     def grow(self, index: int) -> None:
         """Give every array exactly ``index + 1`` positions (idempotent on resume)."""
