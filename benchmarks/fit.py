@@ -111,8 +111,8 @@ def run_baseline(run: Path) -> dict:
 
 
 def _read_task(store: str, pieces: list, n_steps: int) -> int:
-    from pipeline.fit.graph import READ_BUDGET_BYTES
     from pipeline.fit.source import StoreRef
+    from pipeline.fit.tasks import READ_BUDGET_BYTES
 
     src = StoreRef(store).open(n_steps)
     total = 0
@@ -127,8 +127,8 @@ def _read_task(store: str, pieces: list, n_steps: int) -> int:
 def _import_read_modules() -> None:
     """What ``_read_task`` imports (ml_dtypes alone is 1.3-2 s per process here), and the
     store's decode kernels, loaded from numba's cache on first use."""
-    import pipeline.fit.graph
     import pipeline.fit.source
+    import pipeline.fit.tasks
     import pipeline.store.reader  # noqa: F401
     from pipeline.store.zigzag import warm_up
 
@@ -137,8 +137,8 @@ def _import_read_modules() -> None:
 
 def run_read_pass(store: Path, workers: int, block_bytes: int) -> dict:
     from pipeline.compute import dask_client
-    from pipeline.fit.graph import fit_rows, plan_tasks
     from pipeline.fit.results import TensorPlan
+    from pipeline.fit.tasks import fit_rows, plan_tasks
     from pipeline.store.reader import open_run
 
     src = open_run(store)

@@ -21,7 +21,7 @@ from pipeline.engine.spec import BlockCounts, Codec, XStats
 
 
 class Backend(Protocol):
-    """What ``pipeline.fit.graph`` needs from a backend."""
+    """What ``pipeline.fit.tasks`` needs from a backend."""
 
     name: str
 

@@ -2,7 +2,7 @@
 
 ``pipeline.engine`` is the fused one-pass kernel (R² is computed in
 ``numba_backend._r2``; ``torch_backend`` mirrors it), ``kernels`` the streaming
-numpy fit export uses and the histogram helpers, ``graph`` the Dask tasks,
+numpy fit export uses and the histogram helpers, ``tasks`` the fit tasks,
 ``results`` the zarr I/O, ``histograms`` the xarray/CSV summaries, ``names``
 the layer/module parser and ``job.fit_store`` ties them together.
 ``pipeline.open_fit`` reads a finished fit.

@@ -1,9 +1,9 @@
 """``fit_store``: fit every element of a run store (a stored fit is reused when current).
 
 Decides what to do (nothing when a complete fit of the same window, options
-and steps exists; else a fresh fit), lays out the fit arrays, runs the Dask
-graph, then writes the histograms and CSVs and marks the fit complete
-*last*, so an interrupted fit is never mistaken for a finished one (the next
+and steps exists; else a fresh fit), lays out the fit arrays, runs the
+tasks (``pipeline.fit.tasks``), then writes the histograms and CSVs and marks
+the fit complete *last*, so an interrupted fit is never mistaken for a finished one (the next
 run starts it afresh).
 
 No state: a fit after appended steps re-reads every step of the window from
@@ -33,7 +33,6 @@ from pipeline.compute.executors import DEFAULT_EXECUTOR, EXECUTORS
 from pipeline.dtypes import dtype_name
 from pipeline.engine import BACKENDS, DEFAULT_BACKEND, XStats
 from pipeline.errors import PipelineError, check_int, check_output
-from pipeline.fit.graph import FitConfig, fit_block, fit_rows, plan_tasks, run_graph
 from pipeline.fit.histograms import build_dataset
 from pipeline.fit.results import (
     ELEMENTS,
@@ -50,6 +49,7 @@ from pipeline.fit.results import (
     write_meta,
 )
 from pipeline.fit.source import SourceRef, StoreRef, store_inputs
+from pipeline.fit.tasks import FitConfig, fit_block, fit_rows, plan_tasks, run_graph
 from pipeline.steps.source import weight_labels
 from pipeline.store.layout import Piece
 from pipeline.store.location import RemotePath, as_location
@@ -265,7 +265,7 @@ def _check_fit_place(fit_dir: Path | RemotePath, store: Path | RemotePath, src: 
 def _run(executor: str, client: Any, scheduler: str | None, ref: SourceRef,
          plans: dict[str, TensorPlan], tasks: list, cfg: FitConfig, total_bytes: int,
          progress: bool) -> dict:
-    """Run the graph on the chosen executor (and cluster), with a progress bar."""
+    """Run the tasks on the chosen executor (and cluster), with a progress bar."""
     from pipeline.compute.executors import open_executor
     from pipeline.console import progress_bar
 
