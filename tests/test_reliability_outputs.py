@@ -409,6 +409,19 @@ def test_os_errors_are_one_line_naming_the_file():
     assert r.exit_code == 2 and one_error(r.output) == "error: /x/y: permission denied"
 
 
+def test_typers_own_exits_pass_through_as_they_are():
+    """typer.Exit / Abort / BadParameter inside a command are not bugs (typer's click is
+    its own copy: catching click's classes let them through as internal errors)."""
+    import typer
+
+    r = CliRunner().invoke(_failing_app(typer.Exit(3)), ["boom"])
+    assert r.exit_code == 3 and "internal error" not in r.output
+    r = CliRunner().invoke(_failing_app(typer.Abort()), ["boom"])
+    assert r.exit_code == 1 and "Aborted" in r.output and "internal error" not in r.output
+    r = CliRunner().invoke(_failing_app(typer.BadParameter("no good")), ["boom"])
+    assert r.exit_code == 2 and "no good" in r.output and "internal error" not in r.output
+
+
 def test_internal_errors_say_so_and_hide_the_traceback_unless_asked():
     r = CliRunner().invoke(_failing_app(ZeroDivisionError("boom")), ["boom"])
     assert r.exit_code == 1
