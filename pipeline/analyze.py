@@ -53,8 +53,8 @@ def analysis_paths(target: str | Path, catalog: str | Path | None = None,
     if t.entry is None and not t.path.is_dir():
         raise PipelineError("not a run folder or a catalog entry", t.path)
     run = t.checkpoints
-    default_store = t.entry.store if t.entry else run.parent / f"{run.name}.zarr"
-    default_out = t.entry.outputs if t.entry else run.parent / f"{run.name}.analysis"
+    default_store = t.store if t.entry else run.parent / f"{run.name}.zarr"
+    default_out = t.outputs or run.parent / f"{run.name}.analysis"
     return AnalysisPaths(run, Path(store or default_store), Path(outputs or default_out),
                          t.step_pattern)
 

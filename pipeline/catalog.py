@@ -175,6 +175,11 @@ class Target:
     def step_pattern(self) -> str | None:
         return self.entry.step_pattern if self.entry else None
 
+    @property
+    def outputs(self) -> Path | RemotePath | None:
+        """A catalog entry's outputs folder; None for a plain path."""
+        return self.entry.outputs if self.entry else None
+
     def output(self, what: str, default: str | Path | None = None) -> Path | RemotePath | None:
         """``outputs/<what>`` of a catalog entry; ``default`` for a plain path."""
         if self.entry is not None:
@@ -187,3 +192,16 @@ def resolve(arg: str | Path, catalog: str | Path | None = None) -> Target:
     if isinstance(arg, str) and is_catalog_name(arg):
         return Target(arg, lookup(arg, catalog))
     return Target(arg, None)
+
+
+def resolve_entry(name: str | None, catalog: str | Path | None = None) -> Target:
+    """The catalog entry ``name`` (None: the catalog's default), never a path.
+
+    For commands that only take an entry (``demo``): a folder that happens to
+    bear the name does not turn it into a path.
+    """
+    cat = load_catalog(catalog)
+    name = name or cat.default
+    if name is None or name not in cat.runs:
+        raise PipelineError(f"no catalog run named {name!r}")
+    return Target(name, cat.runs[name])

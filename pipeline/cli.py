@@ -338,7 +338,7 @@ def ingest_cmd(
         from pipeline.extrapolate.alarm import alarm_new_steps, alarm_path, check_alarm
 
         check_alarm(alarm_threshold, 2)
-        alarm_file = alarm_path(store, target.entry.outputs if target.entry else None)
+        alarm_file = alarm_path(store, target.outputs)
 
         def alarm_hook(_client: object) -> None:
             for rec in alarm_new_steps(store, alarm_file, alarm_threshold):
@@ -361,14 +361,6 @@ def ingest_cmd(
     from pipeline.store.summary import print_ingest_report
 
     print_ingest_report(rep)
-
-
-def _store_and_outputs(target: str, catalog: Path | None) -> tuple[Path, Path | None]:
-    """STORE path, or a catalog name -> (its store, its outputs folder)."""
-    from pipeline.catalog import resolve
-
-    t = resolve(target, catalog)
-    return t.store, (t.entry.outputs if t.entry else None)
 
 
 def block_size(block_mb: float) -> int:
@@ -425,14 +417,15 @@ def fit_cmd(
 ) -> None:
     """Fit slope, intercept and R² of every weight element against step (incremental)."""
     backend_name, scheduler = engine.device_plan(device.value, backend.value, scheduler)
+    from pipeline.catalog import resolve
     from pipeline.fit.histograms import print_headline
     from pipeline.fit.job import fit_store
     from pipeline.fit.results import fit_dir_for
 
     block_bytes = block_size(block_mb)
-    store_path, outputs = _store_and_outputs(store, catalog)
-    if out is None and outputs is not None:
-        out = outputs / "fit"
+    target = resolve(store, catalog)
+    store_path = target.store
+    out = out or target.output("fit")
     writing(out or fit_dir_for(store_path))
     quiet_dask_workers()
     rep = fit_store(store_path, out, start=from_step, stop=to_step, scheduler=scheduler,
@@ -462,14 +455,16 @@ def report_cmd(
 ) -> None:
     """Write a self-contained HTML report (histograms, null, heatmap, trajectories, backtest)."""
     from pipeline.analyze import write_run_report
+    from pipeline.catalog import resolve
     from pipeline.fit.results import fit_dir_for
 
     check_int(samples, "--samples", 0)
-    store_path, outputs = _store_and_outputs(store, catalog)
-    fit_dir = fit or (outputs / "fit" if outputs is not None else fit_dir_for(store_path))
+    target = resolve(store, catalog)
+    store_path = target.store
+    fit_dir = fit or target.output("fit") or fit_dir_for(store_path)
     out = out or fit_dir / "report"
     writing(out)
-    page = write_run_report(store_path, fit_dir, out, outputs, backtest=backtest,
+    page = write_run_report(store_path, fit_dir, out, target.outputs, backtest=backtest,
                             paper_filters=paper_filters, n_samples=samples, progress=True)
     typer.echo(f"report: {page}")
 

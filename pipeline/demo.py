@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.catalog import RunEntry, load_catalog
+from pipeline.catalog import RunEntry, Target, resolve_entry
 from pipeline.console import console, print_table
 from pipeline.errors import PipelineError
 
@@ -60,7 +60,7 @@ DEMO_PROBE_PROMPTS = 32  # held-out prompts whose sampled answers are teacher-fo
 DEMO_EVAL = {"n": 64, "k": 4}  # the small evaluation of every model at the target step
 
 
-def export_and_check(entry: RunEntry, run_dir: Path) -> None:
+def export_and_check(run: Target, run_dir: Path) -> None:
     """Extrapolate past the last checkpoint in weights and in logits, then evaluate them all.
 
     The target is a fifth of the run beyond its last checkpoint. Every weight
@@ -79,14 +79,14 @@ def export_and_check(entry: RunEntry, run_dir: Path) -> None:
     from pipeline.extrapolate.sources import StoreSource
     from pipeline.outputs.sampling import Sampling
 
-    source = StoreSource(entry.store, run_dir)
+    source = StoreSource(run.store, run_dir)
     steps = list(source.steps)
     target = steps[-1] + (steps[-1] - steps[0]) // 5
     last = _checkpoint_folder(run_dir, steps[-1])
     models: list[tuple[str, list[ModelRef]]] = [
         (f"real checkpoint, step {steps[-1]}", [ModelRef(last, steps[-1])])]
     for m in methods.methods():  # window methods use every step, two-point the first and last
-        out = entry.outputs / f"extrapolated-{m.name}-step{target}"
+        out = run.output(f"extrapolated-{m.name}-step{target}")
         spec = make_spec(source, m.name, to=target, **m.typical_params())
         res = export(source, out, spec, force=True, progress=False)
         label = m.summary + (f" ({m.label(spec.param_values)})" if m.params else "")
@@ -118,7 +118,7 @@ def _ci(e: Any) -> str:
     return f"{e.value:.3f} [{e.low:.3f}, {e.high:.3f}]"
 
 
-def token_logprobs(entry: RunEntry, run_dir: Path, report_dir: Path) -> list[tuple[str, Path]]:
+def token_logprobs(run: Target, run_dir: Path, report_dir: Path) -> list[tuple[str, Path]]:
     """The output space: probes sampled once, teacher-forced through every checkpoint, fitted.
 
     Probes are answers the last checkpoint samples for held-out prompts
@@ -137,18 +137,18 @@ def token_logprobs(entry: RunEntry, run_dir: Path, report_dir: Path) -> list[tup
 
     steps = [c.step for c in _checkpoints(run_dir)]
     last = _checkpoint_folder(run_dir, steps[-1])
-    probes = entry.outputs / "probes.jsonl"
+    probes = run.output("probes.jsonl")
     if not probes.exists():
         task = get_task("heldout", [last]).head(DEMO_PROBE_PROMPTS)
         prompts = [Prompt(p.prompt, p.answer, p.id) for p in task.problems]
         sampling = Sampling(temperature=1.0, max_new_tokens=task.max_new_tokens, seed=0)
         write_probes(probes, list(sample_probes(load_model(last), prompts, 2, sampling)))
-    store = entry.outputs / "logprobs.zarr"
-    rep = compute_logprobs(run_dir, probes, store, step_pattern=entry.step_pattern,
+    store = run.output("logprobs.zarr")
+    rep = compute_logprobs(run_dir, probes, store, step_pattern=run.step_pattern,
                            progress=False)
     console.print(f"log-probs of {rep.n_tokens} probe tokens x {len(rep.steps)} checkpoints "
                   f"({len(rep.new_steps)} new) in {store}")
-    fit = fit_tokens(store, entry.outputs / "logprobs.fit")
+    fit = fit_tokens(store, run.output("logprobs.fit"))
     print_summary(fit)
     return write_token_panels(store, fit, report_dir)
 
@@ -193,32 +193,29 @@ def run_demo(name: str | None, catalog: Path | None, scheduler: str | None) -> N
     from pipeline.store.summary import print_ingest_report
 
     transformers.utils.logging.disable_progress_bar()
-    cat = load_catalog(catalog)
-    name = name or cat.default
-    if name is None or name not in cat.runs:
-        raise PipelineError(f"no catalog run named {name!r}")
-    entry = cat.runs[name]
+    run = resolve_entry(name, catalog)
+    name, entry = run.arg, run.entry
     console.rule(f"[bold]1. checkpoints of {name}")
     run_dir = ensure_checkpoints(name, entry)
     show_run(run_dir)
     with dask_client(scheduler) as client:
         console.rule("[bold]2. ingest into the step-indexed zarr store")
-        print_ingest_report(ingest(run_dir, entry.store, step_pattern=entry.step_pattern,
+        print_ingest_report(ingest(run_dir, run.store, step_pattern=run.step_pattern,
                                    client=client))
-        show_alarms(entry.store, entry.outputs)
+        show_alarms(run.store, run.outputs)
         console.rule("[bold]3. fit every weight element against step")
-        fit_dir = entry.outputs / "fit"
-        rep = fit_store(entry.store, fit_dir, client=client)
+        fit_dir = run.output("fit")
+        rep = fit_store(run.store, fit_dir, client=client)
         print_headline(rep.histograms["moving"])
     console.rule("[bold]4. token log-probs: teacher-forced probes through every checkpoint")
-    report_dir = entry.outputs / "report"
-    token_panels = token_logprobs(entry, run_dir, report_dir)
+    report_dir = run.output("report")
+    token_panels = token_logprobs(run, run_dir, report_dir)
     console.rule("[bold]5. backtest and report")
-    bt, _, backtest_png = backtest_to_folder(StoreSource(entry.store, run_dir), report_dir)
+    bt, _, backtest_png = backtest_to_folder(StoreSource(run.store, run_dir), report_dir)
     print_backtest(bt)
-    page = write_report(entry.store, fit_dir, report_dir,
+    page = write_report(run.store, fit_dir, report_dir,
                         extra_images=[("Backtest: predicted vs real weights", backtest_png),
-                                      *token_panels, *experiment_panels(entry.outputs)])
+                                      *token_panels, *experiment_panels(run.outputs)])
     console.print(f"report: {page}")
     console.rule("[bold]6. extrapolate in weights and in logits, export, load, evaluate")
-    export_and_check(entry, run_dir)
+    export_and_check(run, run_dir)

@@ -25,7 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save
 
-from pipeline.checkpoints.format import ST_DTYPES, TensorInfo, parse_header
+from pipeline.checkpoints.format import TensorInfo, parse_header
+from pipeline.dtypes import ST_DTYPES
 from pipeline.errors import PipelineError
 
 PATH = Path("fuzz.safetensors")

@@ -9,7 +9,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 import pipeline
-from pipeline.checkpoints.format import bits_dtype
+from pipeline.dtypes import bits_dtype
 from pipeline.store.codec import ENCODING
 from pipeline.store.layout import (
     ATTRS_KEY,

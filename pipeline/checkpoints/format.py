@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
-# dtypes live in pipeline.dtypes; these names stay importable from here
-from pipeline.dtypes import ST_DTYPES, bits_dtype, logical_dtype  # noqa: F401
+# dtypes live in pipeline.dtypes (import them from there; pipeline/fit/tasks.py still takes
+# logical_dtype from here)
+from pipeline.dtypes import ST_DTYPES, bits_dtype, logical_dtype
 from pipeline.errors import PipelineError
 
 MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces

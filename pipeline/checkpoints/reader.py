@@ -21,14 +21,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.checkpoints.format import (
-    ST_DTYPES,
     TensorInfo,
-    bits_dtype,
-    logical_dtype,
     read_header,
     read_rows_bits,
     short,
 )
+from pipeline.dtypes import ST_DTYPES, bits_dtype, logical_dtype
 from pipeline.errors import PipelineError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"

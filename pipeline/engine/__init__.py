@@ -132,7 +132,7 @@ def warm_up(backend: str = DEFAULT_BACKEND, dtypes: tuple[str, ...] = WARM_DTYPE
     workers (a test session, a benchmark) makes them load it (well under a
     second) instead of compiling the same code in every worker at once.
     """
-    from pipeline.checkpoints.format import logical_dtype
+    from pipeline.dtypes import logical_dtype
     from pipeline.engine.signs import sign_words
     from pipeline.engine.spec import RESULTS, codec_for, kernel_inputs
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import ml_dtypes
 import numpy as np
+
+from pipeline import dtypes
 
 MIN_CHANGE = 1e-4  # authors' filter: max - min over steps must exceed this
 MIN_DISTINCT = 4  # authors' filter: at least this many distinct values
@@ -71,15 +72,13 @@ class Codec:
 def codec_for(dtype: np.dtype | str) -> Codec:
     """The codec of a logical numpy dtype (bfloat16 from ml_dtypes included)."""
     dt = np.dtype(dtype)
-    width = dt.itemsize
-    is_float = dt.kind == "f" or (dt.kind == "V" and width <= 2)  # ml_dtypes floats are "V"
-    negz = (1 << (8 * width - 1)) if is_float else 0
-    if dt == np.dtype(ml_dtypes.bfloat16):
-        return Codec(BF16, np.dtype(np.uint16), negz)
+    negz = dtypes.neg_zero_bits(dt) or 0
+    if dt == dtypes.BF16:
+        return Codec(BF16, dtypes.bits_dtype(dt), negz)
     if dt == np.dtype(np.float16):
-        return Codec(F16, np.dtype(np.uint16), negz)
+        return Codec(F16, dtypes.bits_dtype(dt), negz)
     if dt == np.dtype(np.float32):
-        return Codec(F32, np.dtype(np.uint32), negz)
+        return Codec(F32, dtypes.bits_dtype(dt), negz)
     return Codec(WIDE, np.dtype(np.uint64), negz)
 
 
@@ -96,7 +95,7 @@ def kernel_inputs(values: np.ndarray, codec: Codec) -> tuple[np.ndarray, np.ndar
     k = values.shape[0]
     if codec.kind != WIDE:
         return values.view(codec.bits).reshape(k, -1), np.empty((0, 0), np.float64)
-    raw = values.view(f"u{values.dtype.itemsize}").reshape(k, -1).astype(np.uint64)
+    raw = values.view(dtypes.bits_dtype(values.dtype)).reshape(k, -1).astype(np.uint64)
     return raw, values.reshape(k, -1).astype(np.float64)
 
 

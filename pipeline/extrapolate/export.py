@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.checkpoints.format import logical_dtype, pread_exact
+from pipeline.checkpoints.format import pread_exact
 from pipeline.checkpoints.writer import ShardedWriter, TensorSpec
 from pipeline.compute.threads import compute_threads
+from pipeline.dtypes import logical_dtype
 from pipeline.errors import PipelineError, check_int, check_number, check_size
 from pipeline.extrapolate import kernels as K
 from pipeline.extrapolate import methods as M

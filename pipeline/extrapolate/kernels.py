@@ -15,23 +15,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-import ml_dtypes
 import numpy as np
 
 from pipeline.compute.threads import compute_threads, run_ranges, split_ranges
+from pipeline.dtypes import BF16, is_float  # noqa: F401  (K.is_float: export, backtest)
 from pipeline.workspace import Workspace
 
 if TYPE_CHECKING:
     from pipeline.fit.kernels import Fit
 
-BF16 = np.dtype(ml_dtypes.bfloat16)
 COMPUTE = np.dtype(np.float32)
-
-
-def is_float(dtype: np.dtype) -> bool:
-    """Floating point, including ml_dtypes' bfloat16/float8 (whose numpy kind is 'V')."""
-    dt = np.dtype(dtype)
-    return dt.kind == "f" or dt == BF16 or dt.name.startswith("float8")
 
 
 def to_float32(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

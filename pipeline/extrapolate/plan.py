@@ -17,8 +17,8 @@ from typing import Literal
 
 import numpy as np
 
+from pipeline.dtypes import is_float
 from pipeline.errors import PipelineError, check_int, check_number
-from pipeline.extrapolate.kernels import is_float
 from pipeline.extrapolate.methods import StepRule
 
 Action = Literal["move", "copy"]

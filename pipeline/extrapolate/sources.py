@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.checkpoints import Checkpoint, CheckpointReader, discover_checkpoints
-from pipeline.checkpoints.format import logical_dtype
+from pipeline.dtypes import logical_dtype
 from pipeline.errors import PipelineError, check_output
 from pipeline.steps.source import Positions, WeightSource, positions, weight_labels
 

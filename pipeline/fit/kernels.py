@@ -55,6 +55,7 @@ from dataclasses import dataclass, fields
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 import numpy as np
 
+from pipeline.dtypes import bits_dtype, neg_zero_bits, widens_exactly
 from pipeline.engine.signs import SIGN_BLOCK, SIGN_CHUNK, flip_mask, sign_key
 from pipeline.engine.spec import MIN_CHANGE, MIN_DISTINCT, RESULTS, SELECTIONS, THRESHOLDS, XStats
 from pipeline.workspace import Workspace
@@ -74,19 +75,6 @@ def flip_masks(seed: int, tensor: str, steps: Sequence[int], start: int, stop: i
 TILE = 1 << 16  # values per (k steps x elements) tile: its float64 slabs stay in cache
 TILE_MIN = 1024  # elements per tile at least, however many steps
 MAX_STEPS = 64  # steps per slab; more are applied in groups of this many
-
-
-def bits_dtype(dtype: np.dtype) -> np.dtype:
-    """Unsigned integer dtype of the same width, used to compare values bit-exactly."""
-    return np.dtype(f"u{np.dtype(dtype).itemsize}")
-
-
-def _neg_zero(dtype: np.dtype) -> int | None:
-    """Bit pattern of -0.0 for float dtypes (bf16 included), None for integers and bool."""
-    dtype = np.dtype(dtype)
-    if dtype.kind == "f" or (dtype.kind == "V" and dtype.itemsize <= 2):  # ml_dtypes floats
-        return 1 << (8 * dtype.itemsize - 1)
-    return None
 
 
 def _get(ws: Workspace | None, role: str, shape: tuple[int, ...],
@@ -164,7 +152,7 @@ def init_state(w: np.ndarray, ws: Workspace | None = None) -> FitState:
     m = w.shape[0]
     bits = _get(ws, "state_bits", (len(BITS_FIELDS), m), bits_dtype(w.dtype))
     np.copyto(bits[0], w.view(bits.dtype))
-    negz = _neg_zero(w.dtype)
+    negz = neg_zero_bits(w.dtype)
     if negz is not None:
         np.copyto(bits[0], 0, where=bits[0] == negz)
     bits[1: len(RAW_FIELDS)] = bits[0]
@@ -238,7 +226,7 @@ def update(state: FitState, values: np.ndarray, xs: Sequence[float],
     if not isinstance(flips, np.ndarray):
         flips = np.stack([np.asarray(f, bool).reshape(m) for f in flips])
     flips = flips.reshape(k, m)
-    nz = _neg_zero(dtype)
+    nz = neg_zero_bits(dtype)
     tile = tile_width(k, m)
     s = _Scratch(k, tile, bdt, ws)
     with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf weights are counted, not fitted
@@ -297,11 +285,6 @@ def _update_tile(state: FitState, lo: int, hi: int, vals: np.ndarray, x: np.ndar
     _update_distinct(state, lo, hi, vals, s, negz)
 
 
-def _exact_f64(dtype: np.dtype) -> bool:
-    """Whether every value of ``dtype`` widens to float64 exactly (all but 64-bit integers)."""
-    return not (dtype.kind in "iu" and dtype.itemsize > 4)
-
-
 def _update_range(state: FitState, lo: int, hi: int, vals: np.ndarray, wide: np.ndarray,
                   s: _Scratch) -> None:
     """Running min and max value (raw bits of the logical dtype) over the k steps of a slab.
@@ -313,7 +296,7 @@ def _update_range(state: FitState, lo: int, hi: int, vals: np.ndarray, wide: np.
     dtype = vals.dtype
     for row, red in ((state.wmin[lo:hi], np.minimum), (state.wmax[lo:hi], np.maximum)):
         cur = row.view(dtype)
-        if not _exact_f64(dtype):
+        if not widens_exactly(dtype):
             red(cur, red.reduce(vals, axis=0), out=cur)
             continue
         a, b = s.r0[: hi - lo], s.r1[: hi - lo]

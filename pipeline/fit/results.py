@@ -249,12 +249,16 @@ class FitResult:
 
 
 def resolve_fit_dir(target: str | Path | RemotePath,
-                    storage_options: dict[str, Any] | None = None) -> Path | RemotePath:
-    """A fit folder, a store (-> its sibling fit), or a catalog name (-> outputs/fit)."""
-    from pipeline.catalog import is_catalog_name, lookup
+                    storage_options: dict[str, Any] | None = None,
+                    catalog: str | Path | None = None) -> Path | RemotePath:
+    """A fit folder, a store (-> its sibling fit), or a catalog name (-> outputs/fit) in
+    ``catalog`` (default: ``catalog.catalog_path``'s)."""
+    from pipeline.catalog import resolve
 
-    if isinstance(target, str) and not storage_options and is_catalog_name(target):
-        return lookup(target).outputs / "fit"
+    if isinstance(target, str) and not storage_options:
+        fit_dir = resolve(target, catalog).output("fit")
+        if fit_dir is not None:
+            return fit_dir
     p = as_location(target, storage_options)
     if read_meta(p) is not None:
         return p
@@ -262,12 +266,14 @@ def resolve_fit_dir(target: str | Path | RemotePath,
 
 
 def open_fit(store: str | Path | RemotePath,
-             storage_options: dict[str, Any] | None = None) -> FitResult:
-    """Open the per-element fit of a store, a fit folder or a catalog entry name.
+             storage_options: dict[str, Any] | None = None,
+             catalog: str | Path | None = None) -> FitResult:
+    """Open the per-element fit of a store, a fit folder or a catalog entry name (of
+    ``catalog``, default ``./data_catalog.yaml`` or ``$RLVR_LIN_CATALOG``).
 
     A store or fit on object storage is a URL with its ``storage_options``.
     """
-    return FitResult(resolve_fit_dir(store, storage_options))
+    return FitResult(resolve_fit_dir(store, storage_options, catalog))
 
 
 def save_outputs(fit_dir: Path | RemotePath, datasets: dict[str, Any]) -> None:

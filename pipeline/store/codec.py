@@ -35,7 +35,7 @@ from collections.abc import Callable
 import numpy as np
 from numpy.typing import NDArray
 
-from pipeline.checkpoints.format import logical_dtype
+from pipeline.dtypes import FLOAT_MASKS, logical_dtype, signed_bits_dtype
 
 ENCODING = "zigzag-sub-prev-key0"  # recorded in the store; change it and bump SCHEMA_VERSION
 DEFAULT_KEY_EVERY = 8  # a key position every 8: at most 9 chunks to decode any step
@@ -76,17 +76,13 @@ def check_key_every(key_every: int) -> int:
     return key_every
 
 
-def _signed(u: np.dtype) -> np.dtype:
-    return np.dtype(f"<i{u.itemsize}")
-
-
 def encode(bits: NDArray, base: NDArray | None) -> NDArray:
     """Stored form of ``bits`` relative to ``base`` (``None``: this is the base, stored raw)."""
     if base is None:
         return bits
     u = bits.dtype
     d = bits - base  # wraps modulo 2**bits: exact and invertible
-    s = d.view(_signed(u))
+    s = d.view(signed_bits_dtype(u))
     shift = 8 * u.itemsize - 1
     return ((s << 1) ^ (s >> shift)).view(u)
 
@@ -94,7 +90,7 @@ def encode(bits: NDArray, base: NDArray | None) -> NDArray:
 def encode_inplace(bits: NDArray, base: NDArray) -> NDArray:
     """``encode(bits, base)`` written over ``bits`` (which must be writable): one temporary."""
     np.subtract(bits, base, out=bits)
-    s = bits.view(_signed(bits.dtype))
+    s = bits.view(signed_bits_dtype(bits.dtype))
     sign = s >> (8 * bits.dtype.itemsize - 1)
     np.left_shift(s, 1, out=s)
     np.bitwise_xor(s, sign, out=s)
@@ -115,7 +111,7 @@ def encode_into(bits: NDArray, base: NDArray, out: NDArray, scratch: NDArray) ->
 
         return fused(bits, base, out)
     np.subtract(bits, base, out=out)
-    s = out.view(_signed(out.dtype))
+    s = out.view(signed_bits_dtype(out.dtype))
     np.right_shift(s, 8 * out.dtype.itemsize - 1, out=scratch.view(s.dtype))
     np.left_shift(s, 1, out=s)
     np.bitwise_xor(out, scratch, out=out)
@@ -153,7 +149,7 @@ def decode(stored: NDArray, base: NDArray | None, out: NDArray | None = None,
     u = stored.dtype
     one = u.type(1)
     if out is None and not overwrite:
-        d = (stored >> one) ^ (-(stored & one).view(_signed(u))).view(u)
+        d = (stored >> one) ^ (-(stored & one).view(signed_bits_dtype(u))).view(u)
         return d + base
     if out is None:
         out = np.empty_like(stored)
@@ -164,7 +160,7 @@ def decode(stored: NDArray, base: NDArray | None, out: NDArray | None = None,
     scratch = stored if overwrite else np.empty_like(stored)
     np.right_shift(stored, one, out=out)
     np.bitwise_and(stored, one, out=scratch)
-    s = scratch.view(_signed(u))
+    s = scratch.view(signed_bits_dtype(u))
     np.negative(s, out=s)  # 0 or all ones
     np.bitwise_xor(out, scratch, out=out)
     np.add(out, base, out=out)
@@ -219,11 +215,6 @@ def as_float(bits: NDArray, dtype: str, out_dtype: type = np.float32) -> NDArray
     return as_logical(bits, dtype).astype(out_dtype)
 
 
-# exponent mask and sign bit per float width, for counting NaN/inf on raw bits
-_FLOAT_MASKS = {"bfloat16": (0x7F80, 15), "float16": (0x7C00, 15),
-                "float32": (0x7F800000, 31), "float64": (0x7FF0000000000000, 63)}
-
-
 def count_nonfinite(bits: NDArray, dtype: str) -> tuple[int, int, int]:
     """(NaN, +inf, -inf) counts of a block given its bit patterns; zeros for non-floats.
 
@@ -233,11 +224,12 @@ def count_nonfinite(bits: NDArray, dtype: str) -> tuple[int, int, int]:
     is special iff it is >= the exponent mask; as unsigned ints, a negative
     one iff it is >= sign bit | exponent mask.
     """
-    if dtype not in _FLOAT_MASKS or bits.size == 0:
+    if dtype not in FLOAT_MASKS or bits.size == 0:
         return 0, 0, 0
-    exp, sign_bit = _FLOAT_MASKS[dtype]
+    exp, sign_bit = FLOAT_MASKS[dtype]
     u = bits.dtype.type
-    if int(bits.view(_signed(bits.dtype)).max()) < exp and int(bits.max()) < (1 << sign_bit) | exp:
+    if (int(bits.view(signed_bits_dtype(bits.dtype)).max()) < exp
+            and int(bits.max()) < (1 << sign_bit) | exp):
         return 0, 0, 0
     mag = bits & u((1 << sign_bit) - 1)
     nan = int((mag > u(exp)).sum())

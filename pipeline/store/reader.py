@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from pipeline.checkpoints.format import logical_dtype
+from pipeline.dtypes import logical_dtype
 from pipeline.errors import PipelineError
 from pipeline.store.chunks import DirectArray, scratch
 from pipeline.store.codec import DEFAULT_KEY_EVERY, as_float, as_logical, decode_positions

@@ -16,7 +16,7 @@ from typing import Any
 
 import zarr
 
-from pipeline.checkpoints.format import bits_dtype
+from pipeline.dtypes import bits_dtype
 from pipeline.errors import PipelineError
 from pipeline.steps import axis
 from pipeline.store import zmeta

@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 from numcodecs import Blosc
 
-from pipeline.checkpoints.format import TensorInfo, bits_dtype, pread_exact, read_rows_bits
+from pipeline.checkpoints.format import TensorInfo, pread_exact, read_rows_bits
+from pipeline.dtypes import bits_dtype
 from pipeline.errors import PipelineError
 from pipeline.store import zmeta
 from pipeline.store.codec import (
