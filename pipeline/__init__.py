@@ -26,8 +26,9 @@ def open_run(store: Any, storage_options: dict[str, Any] | None = None) -> Any:
     return _open_run(store, storage_options)
 
 
-def open_fit(store: Any, storage_options: dict[str, Any] | None = None) -> Any:
+def open_fit(store: Any, storage_options: dict[str, Any] | None = None,
+             catalog: Any = None) -> Any:
     """Open the per-element fit of a store, fit folder or catalog name (``pipeline.fit``)."""
     from pipeline.fit.results import open_fit as _open_fit
 
-    return _open_fit(store, storage_options)
+    return _open_fit(store, storage_options, catalog)

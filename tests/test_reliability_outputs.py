@@ -513,6 +513,9 @@ class _Renamed:
     def read_block(self, n, steps=None, rows=None, out=None):
         return self.inner.read_block(self._real(n), steps, rows, out=out)
 
+    def labels(self, n):
+        return self.inner.labels(self._real(n))
+
 
 def test_fit_never_crashes_on_a_lone_surrogate_tensor_name(ingested, tmp_path, client):
     """A name that is not valid UTF-8 once crashed the fit's tasks (UnicodeEncodeError).

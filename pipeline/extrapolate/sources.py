@@ -22,6 +22,7 @@ from pipeline.checkpoints import Checkpoint, CheckpointReader, discover_checkpoi
 from pipeline.dtypes import logical_dtype
 from pipeline.errors import PipelineError, check_output
 from pipeline.steps.source import Positions, WeightSource, positions, weight_labels
+from pipeline.store.location import RemotePath, as_location
 
 __all__ = ["CheckpointSource", "StoreSource", "WeightSource", "open_source"]
 
@@ -160,16 +161,33 @@ def _step_from_name(path: Path) -> int:
 
 
 class StoreSource:
-    """An ingested zarr run store (``pipeline.open_run``), read by row block."""
+    """An ingested zarr run store (``pipeline.open_run``), read by row block: what the fit,
+    export, backtest and alarm read. A store on object storage is a ``RemotePath``."""
 
-    def __init__(self, store: str | Path, checkpoints_dir: str | Path | None = None) -> None:
+    def __init__(self, store: str | Path | RemotePath,
+                 checkpoints_dir: str | Path | None = None) -> None:
         import pipeline
 
-        self.path = Path(store)
-        if not self.path.exists():
+        self.path = as_location(store)
+        if isinstance(self.path, Path) and not self.path.exists():
             raise PipelineError("store not found", self.path)
         self.run = pipeline.open_run(self.path)
         self._checkpoints_dir = Path(checkpoints_dir) if checkpoints_dir else None
+
+    def refresh(self) -> StoreSource:
+        """Re-read which steps are committed (a long-lived worker's cached store)."""
+        self.run.refresh()
+        return self
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The store's metadata (source run folder, schema, ...)."""
+        return self.run.attrs
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """Per-step records (checkpoint folder, file digests)."""
+        return self.run.records
 
     @property
     def steps(self) -> list[int]:

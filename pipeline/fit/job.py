@@ -50,7 +50,6 @@ from pipeline.fit.results import (
 )
 from pipeline.fit.source import SourceRef, StoreRef, store_inputs
 from pipeline.fit.tasks import FitConfig, fit_block, fit_rows, plan_tasks, run_graph
-from pipeline.steps.source import weight_labels
 from pipeline.store.layout import Piece
 from pipeline.store.location import RemotePath, as_location
 
@@ -215,8 +214,7 @@ def fit_store(
                   step_bytes * n_read, progress)
     attrs = {"steps": steps, "window": [-1 if w is None else w for w in window], "seed": seed}
     names = [p.name for p in plans]
-    labels_of = getattr(src, "labels", weight_labels)  # the source labels its arrays
-    labels = {n: tuple(labels_of(n)) for n in names}
+    labels = {n: tuple(src.labels(n)) for n in names}  # the source labels its arrays
     hists = {sel: build_dataset(names, totals, sel, n_bins, attrs, labels) for sel in SELECTIONS}
     save_outputs(fit_dir, hists)
     meta["complete"] = True

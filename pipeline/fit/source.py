@@ -1,11 +1,13 @@
-"""Where fit tasks read blocks from: the one adapter between the fit and the run store.
+"""Where fit tasks read blocks from: a picklable reference to a ``StepSource``.
 
-A task never receives an open store (it may run on another machine); it gets
-a small picklable *reference* and opens it where it runs. ``StoreRef`` opens
-``pipeline.open_run``; anything with the same five methods works (tests wrap
-it to slow reads down or to count them). A store on object storage is
-referenced by its ``location.RemotePath`` (URL and storage options), which
-pickles to every worker.
+A task never receives an open source (it may run on another machine); it
+gets a small picklable *reference* and opens it where it runs. ``StoreRef``
+opens a run store as a ``StepSource`` (``pipeline.extrapolate.sources.
+StoreSource``, the one the export and backtest read); a log-prob store's
+reference is ``pipeline.steps.store.StepStoreRef``; any ``StepSource`` works
+(tests wrap one to slow reads down or to count them). A store on object
+storage is referenced by its ``location.RemotePath`` (URL and storage
+options), which pickles to every worker.
 """
 
 from __future__ import annotations
@@ -15,45 +17,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
-
+from pipeline.steps.source import StepSource
 from pipeline.store.location import RemotePath, as_location
 
 
-class BlockSource(Protocol):
-    """What the fit needs from a run: ``pipeline.store.reader.RunStore`` satisfies it."""
-
-    @property
-    def steps(self) -> list[int]: ...
-
-    @property
-    def tensor_names(self) -> list[str]: ...
-
-    def shape(self, name: str) -> tuple[int, ...]: ...
-
-    def dtype(self, name: str) -> str: ...
-
-    def chunk_rows(self, name: str) -> int: ...
-
-    def read_block(self, name: str, steps: slice | list[int] | None = None,
-                   rows: slice | None = None) -> np.ndarray: ...
-
-
 class SourceRef(Protocol):
-    """A picklable handle that opens a ``BlockSource``.
+    """A picklable handle that opens a ``StepSource``.
 
     ``n_steps=None`` asks for the latest committed steps (the driver); an
     integer asks for a snapshot holding at least that many (a task).
     """
 
-    def open(self, n_steps: int | None = None) -> BlockSource: ...
+    def open(self, n_steps: int | None = None) -> StepSource: ...
 
 
 @functools.lru_cache(maxsize=8)
-def _open_store(path: str | RemotePath, identity: str) -> BlockSource:
-    from pipeline.store.reader import open_run
+def _open_store(path: str | RemotePath, identity: str) -> StepSource:
+    from pipeline.extrapolate.sources import StoreSource
 
-    return open_run(path)
+    return StoreSource(path)
 
 
 def store_identity(path: str | Path | RemotePath) -> str:
@@ -91,11 +73,11 @@ class StoreRef:
         resolved = loc if isinstance(loc, RemotePath) else str(loc.resolve())
         return cls(resolved, store_identity(resolved))
 
-    def open(self, n_steps: int | None = None) -> BlockSource:
+    def open(self, n_steps: int | None = None) -> StepSource:
         path = self.path if isinstance(self.path, RemotePath) else str(Path(self.path).resolve())
         src = _open_store(path, self.identity)
         if n_steps is None or len(src.steps) < n_steps:  # cached snapshot may be older
-            src.refresh()  # type: ignore[attr-defined]
+            src.refresh()  # type: ignore[attr-defined]  (StoreSource.refresh)
         return src
 
 
