@@ -144,12 +144,20 @@ def summary_frames(ds: xr.Dataset) -> dict[str, pd.DataFrame]:
 
 
 def write_outputs(fit_dir: str | Path, datasets: Mapping[str, xr.Dataset]) -> None:
-    """Save each selection's Dataset to histograms.zarr and its CSV summaries."""
+    """Save each selection's Dataset to a fresh histograms.zarr and its CSV summaries.
+
+    The folder is replaced whole: an older fit of other tensors left groups that
+    xarray's per-group mode "w" keeps, and appending a selection of another
+    tensor count to one failed at the very end of a fit (found by the benchmark).
+    """
+    import shutil
+
     from pipeline.fit.results import HISTOGRAMS
 
     fit_dir = Path(fit_dir)
-    for i, (sel, ds) in enumerate(datasets.items()):
-        ds.to_zarr(str(fit_dir / HISTOGRAMS), group=sel, mode="w" if i == 0 else "a",
+    shutil.rmtree(fit_dir / HISTOGRAMS, ignore_errors=True)
+    for sel, ds in datasets.items():
+        ds.to_zarr(str(fit_dir / HISTOGRAMS), group=sel, mode="a",
                    zarr_format=3, consolidated=False)
         for kind, df in summary_frames(ds).items():
             df.to_csv(fit_dir / f"summary_{kind}_{sel}.csv", index=False)
