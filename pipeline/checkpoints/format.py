@@ -22,8 +22,7 @@ from typing import Any
 
 import numpy as np
 
-# dtypes live in pipeline.dtypes (import them from there; pipeline/fit/tasks.py still takes
-# logical_dtype from here)
+# dtypes live in pipeline.dtypes (import them from there)
 from pipeline.dtypes import ST_DTYPES, bits_dtype, logical_dtype
 from pipeline.errors import PipelineError
 

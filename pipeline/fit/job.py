@@ -3,8 +3,8 @@
 Decides what to do (nothing when a complete fit of the same window, options
 and steps exists; else a fresh fit), lays out the fit arrays, runs the
 tasks (``pipeline.fit.tasks``), then writes the histograms and CSVs and marks
-the fit complete *last*, so an interrupted fit is never mistaken for a finished one (the next
-run starts it afresh).
+the fit complete *last*, so an interrupted fit is never mistaken for a
+finished one (the next run starts it afresh).
 
 No state: a fit after appended steps re-reads every step of the window from
 the compressed store, so it equals a fresh fit bit for bit. Measured on a

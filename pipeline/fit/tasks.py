@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.checkpoints.format import logical_dtype
 from pipeline.compute.executors import Executor
+from pipeline.dtypes import logical_dtype
 from pipeline.engine import DEFAULT_BACKEND, BlockCounts, get_backend
 from pipeline.engine.signs import sign_offset, sign_words
 from pipeline.engine.spec import RESULTS, SELECTIONS, XStats, codec_for, kernel_inputs
