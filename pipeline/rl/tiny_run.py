@@ -17,7 +17,8 @@ import random
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -269,7 +270,7 @@ def _train(out: str | Path, cfg: TinyRunConfig | None, log: Callable[[str], None
     from pipeline.console import progress_bar
 
     bar = progress_bar(cfg.rl_steps, "GRPO", unit="step", enabled=progress)
-    with bar:
+    with bar, _lm_head_tile(model.config.vocab_size):
         trainer.train()
     shutil.rmtree(out / ".trainer", ignore_errors=True)
     metrics["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -278,6 +279,34 @@ def _train(out: str | Path, cfg: TinyRunConfig | None, log: Callable[[str], None
     if extra_cb is not None:
         (out / RL_EXTRA_FILE).write_text(json.dumps(extra_cb.summary(), indent=1))
     return out
+
+
+@contextmanager
+def _lm_head_tile(vocab_size: int) -> Iterator[None]:
+    """TRL's chunked log-prob kernel tiled at the vocabulary's width while GRPO trains.
+
+    TRL 1.16 allocates a [4096, 32768] float32 tile (512 MB) in every forward
+    and backward of the loss whatever the vocabulary; with our 20-token
+    vocabulary only 20 columns are used, and on the CPU getting that memory
+    was half of each RL step's time (cProfile: 0.53 s of 0.95 s). With a tile
+    as wide as the vocabulary the kernel computes the same single tile, so
+    the run is bit-identical (checked on a 20-step run) and its RL steps take
+    half the time. A TRL without the constant is left as it is.
+    """
+    try:
+        import trl.trainer.utils as trl_utils
+    except ImportError:
+        yield
+        return
+    old = getattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", None)
+    if not isinstance(old, int) or old <= vocab_size:
+        yield
+        return
+    trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = vocab_size
+    try:
+        yield
+    finally:
+        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = old
 
 
 def make_warm_start(out: str | Path, cfg: TinyRunConfig | None = None,
