@@ -84,6 +84,8 @@ CODECS = {
     "zstd3-shuf-1M": dict(cname="zstd", clevel=3, shuffle=Blosc.SHUFFLE, blocksize=1 << 20),
     "lz4-shuf": dict(cname="lz4", clevel=5, shuffle=Blosc.SHUFFLE),
     "lz4-bit": dict(cname="lz4", clevel=5, shuffle=Blosc.BITSHUFFLE),
+    "lz4hc-bit": dict(cname="lz4hc", clevel=1, shuffle=Blosc.BITSHUFFLE),
+    "blosclz-bit": dict(cname="blosclz", clevel=5, shuffle=Blosc.BITSHUFFLE),
 }
 
 

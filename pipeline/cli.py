@@ -222,9 +222,8 @@ def make_tiny_run_cmd(
     from dataclasses import replace
 
     from pipeline.rl.tasks import TASKS
-    from pipeline.rl.tiny_model import ModelSize
-    from pipeline.rl.tiny_run import TinyRunConfig, make_tiny_run
 
+    # every option is checked before torch and transformers are imported (seconds)
     if task is not None and task not in TASKS:
         raise PipelineError(f"unknown --task {task!r} (expected one of {', '.join(TASKS)})")
     if arch not in ("qwen2", "llama"):
@@ -241,6 +240,9 @@ def make_tiny_run_cmd(
         if v is not None:
             check_int(v, what, low)
     writing(out)
+    from pipeline.rl.tiny_model import ModelSize
+    from pipeline.rl.tiny_run import TinyRunConfig, make_tiny_run
+
     size = ModelSize(hidden_size, layers, intermediate_size, heads, kv_heads)
     given = dict(dtype=dtype, task=task, rl_steps=rl_steps, save_every=save_every, lr=lr,
                  prompts_per_step=prompts_per_step, generations=generations, sft_steps=sft_steps)

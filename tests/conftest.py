@@ -19,6 +19,10 @@ import hashlib
 import json
 import os
 import shutil
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -31,20 +35,65 @@ CACHE = Path(os.environ.get("RLVR_LIN_TEST_CACHE", REPO / ".cache" / "tiny-runs"
 
 
 def cached_run(cfg: TinyRunConfig) -> Path:
-    """Path of the run for ``cfg``, generating it atomically if missing."""
+    """Path of the run for ``cfg``, generating it atomically if missing.
+
+    A run the session's background generators are making (``tiny_runs_generated``)
+    is waited for, not made twice.
+    """
+    key = _run_path(cfg).name
+    if key in _BACKGROUND:
+        _BACKGROUND[key].result()  # a generator's error is this test's error
+    else:
+        _wait_for_other_session(key)
+    return _make_run(cfg)
+
+
+def _make_run(cfg: TinyRunConfig) -> Path:
+    """The run for ``cfg`` from the cache, made there first if missing.
+
+    A run with siblings (``SIBLINGS``) makes the missing ones in the same training.
+    """
     path = _run_path(cfg)
-    key = path.name
     CACHE.mkdir(parents=True, exist_ok=True)
-    # one generator per key even when several pytest processes start together
-    with open(CACHE / f".{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (path / "metrics.json").exists():
-            tmp = CACHE / f".{key}.{os.getpid()}.tmp"
+    group = [cfg, *SIBLINGS.get(cfg, ())]
+    with ExitStack() as stack:
+        # one generator per key even when several pytest processes start together
+        for c in sorted(group, key=lambda c: _run_path(c).name):  # one lock order: no deadlock
+            lock = stack.enter_context(open(CACHE / f".{_run_path(c).name}.lock", "w"))
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if (path / "metrics.json").exists():
+            return path
+        todo = [c for c in group if c == cfg or not (_run_path(c) / "metrics.json").exists()]
+        tmps = [CACHE / f".{_run_path(c).name}.{os.getpid()}.tmp" for c in todo]
+        for tmp in tmps:
             shutil.rmtree(tmp, ignore_errors=True)
-            make_tiny_run(tmp, cfg, log=lambda _msg: None, progress=False)
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)
+        make_tiny_run(tmps[0], cfg, log=lambda _msg: None, progress=False,
+                      siblings=list(zip(tmps[1:], todo[1:], strict=True)))
+        for c, tmp in zip(todo, tmps, strict=True):
+            shutil.rmtree(_run_path(c), ignore_errors=True)
+            os.replace(tmp, _run_path(c))
     return path
+
+
+# run key -> its generation in this session's background processes
+_BACKGROUND: dict[str, Future] = {}
+
+
+def _pending(key: str) -> Path:
+    """Marker of a run that some session's background generators will make: its pid inside."""
+    return CACHE / f".{key}.pending"
+
+
+def _wait_for_other_session(key: str) -> None:
+    """Wait while another live session (a pytest-xdist worker) has ``key`` queued."""
+    marker = _pending(key)
+    while marker.exists():
+        try:
+            os.kill(int(marker.read_text() or 0), 0)
+        except (ValueError, ProcessLookupError, FileNotFoundError):
+            marker.unlink(missing_ok=True)  # its session is gone: make the run here
+            return
+        time.sleep(0.5)
 
 
 SEED = int(os.environ.get("RLVR_LIN_TEST_SEED", "0"))
@@ -59,6 +108,10 @@ SHARDED = replace(BF16, max_shard_size="150KB", rl_steps=40)
 TIED_LLAMA = replace(BF16, arch="llama", tie=True, rl_steps=40)
 
 
+# runs saved by another run's training (its first steps, saved another way): made with it
+# (``make_tiny_run(siblings=...)``, bit-identical to each made alone), not trained again
+SIBLINGS = {BF16: (FP32, SHARDED)}
+
 # each run's fixture; the linear run first, the longest to make
 RUNS = {"tiny_run_linear": LINEAR, "tiny_run_bf16": BF16, "tiny_run_fp32": FP32,
         "tiny_run_sharded": SHARDED, "tiny_run_tied": TIED_LLAMA}
@@ -72,30 +125,74 @@ def _run_path(cfg: TinyRunConfig) -> Path:
 def _generate_one_thread(cfg: TinyRunConfig) -> str:
     import torch
 
-    torch.set_num_threads(1)  # two generators share the machine's cores
-    return str(cached_run(cfg))
+    torch.set_num_threads(1)  # two generators share the machine's cores with the tests
+    return str(_make_run(cfg))
 
 
 @pytest.fixture(scope="session", autouse=True)
-def tiny_runs_generated(request) -> None:
-    """The missing runs this session's tests use, two at a time, before the tests start.
+def tiny_runs_generated(request) -> Iterator[None]:
+    """The missing runs this session's tests use, made in two background processes.
 
-    On a fresh machine the five runs took ~270 s one after the other, 228 s
-    in two processes (measured here). Each run is still made by
-    ``cached_run`` (its lock, its atomic rename), so a run made here is the
-    run a test would have made. A test that asks for a run through
-    ``request.getfixturevalue`` makes it itself, when it runs.
+    Tests start at once: ``pytest_collection_modifyitems`` runs the modules
+    that need no run first and those that need the embedded run (the longest
+    to make) last, and a test that needs a run still being made waits for it
+    in ``cached_run``. One session generates (the first pytest-xdist worker
+    to get ``.generate.lock``); the others wait on its ``.pending`` markers.
+    Each run is still made by ``cached_run`` (its lock, its atomic rename), so
+    a run made here is the run a test would have made. A test that asks for
+    a run through ``request.getfixturevalue`` makes it itself, when it runs.
     """
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
 
     used = {f for item in request.session.items for f in getattr(item, "fixturenames", ())}
-    missing = [c for f, c in RUNS.items()
-               if f in used and not (_run_path(c) / "metrics.json").exists()]
-    if len(missing) < 2:
+    wanted = [c for f, c in RUNS.items() if f in used]
+    CACHE.mkdir(parents=True, exist_ok=True)
+    lock = open(CACHE / ".generate.lock", "w")  # noqa: SIM115 (held until the session ends)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # another session generates: cached_run waits for its runs
+        lock.close()
+        yield
         return
-    with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as ex:
-        list(ex.map(_generate_one_thread, missing))
+    missing = [c for c in wanted if not (_run_path(c) / "metrics.json").exists()]
+    made_with = {s: c for c, sibs in SIBLINGS.items() if c in missing for s in sibs}
+    pool = ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) if missing else None
+    try:
+        for cfg in [c for c in missing if c not in made_with]:  # the embedded run first
+            fut = pool.submit(_generate_one_thread, cfg)
+            for c in [cfg, *(s for s in SIBLINGS.get(cfg, ()) if s in missing)]:
+                key = _run_path(c).name
+                _pending(key).write_text(str(os.getpid()))
+                fut.add_done_callback(lambda _f, k=key: _pending(k).unlink(missing_ok=True))
+                _BACKGROUND[key] = fut
+        yield
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        for key in _BACKGROUND:
+            _pending(key).unlink(missing_ok=True)
+        _BACKGROUND.clear()
+        lock.close()
+
+
+def _run_need(item: pytest.Item) -> int:
+    """0: the item needs no run; 1: only the quick layout runs; 2: the embedded run."""
+    names = set(getattr(item, "fixturenames", ()))
+    if "tiny_run_linear" in names:
+        return 2
+    return 1 if names & set(RUNS) else 0
+
+
+def pytest_collection_modifyitems(session, config, items: list[pytest.Item]) -> None:
+    """Whole modules in order of the runs they need (stable otherwise), see ``tiny_runs_generated``.
+
+    Modules stay whole so that module-scoped fixtures (a cluster) start once.
+    """
+    need: dict[str, int] = {}
+    for item in items:
+        need[item.nodeid.split("::")[0]] = max(need.get(item.nodeid.split("::")[0], 0),
+                                               _run_need(item))
+    items.sort(key=lambda it: need[it.nodeid.split("::")[0]])
 
 
 @pytest.fixture(scope="session")

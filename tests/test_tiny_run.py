@@ -143,3 +143,33 @@ def test_refuses_non_empty_output(tmp_path: Path) -> None:
     with pytest.raises(PipelineError, match="not empty"):
         make_tiny_run(tmp_path / "x", SMALL)
     assert (tmp_path / "x" / "keep.txt").read_text() == "user data"
+
+
+def test_sibling_runs_equal_the_same_runs_made_alone(tmp_path: Path) -> None:
+    """One training saved three ways gives exactly the three runs trained one by one."""
+    main = replace(SMALL, dtype="bfloat16")
+    sibs = [replace(main, dtype="float32", rl_steps=3, save_every=1),
+            replace(main, max_shard_size="20KB", rl_steps=2)]
+    make_tiny_run(tmp_path / "main", main, log=lambda _m: None, progress=False,
+                  siblings=[(tmp_path / f"sib{i}", c) for i, c in enumerate(sibs)])
+    for i, cfg in enumerate(sibs):
+        alone = make_tiny_run(tmp_path / f"alone{i}", cfg, log=lambda _m: None, progress=False)
+        sib = tmp_path / f"sib{i}"
+        assert steps_of(sib) == steps_of(alone) == list(range(0, cfg.rl_steps + 1,
+                                                             cfg.save_every)) + (
+            [cfg.rl_steps] if cfg.rl_steps % cfg.save_every else [])
+        for step in steps_of(alone):
+            files = sorted(p.name for p in (alone / f"global_step_{step}").glob("*.safetensors"))
+            assert files == sorted(p.name for p in (sib / f"global_step_{step}").glob(
+                "*.safetensors")) and (len(files) > 1) == (cfg.max_shard_size is not None)
+            for f in files:
+                assert ((sib / f"global_step_{step}" / f).read_bytes()
+                        == (alone / f"global_step_{step}" / f).read_bytes()), (cfg, step, f)
+        ms, ma = (json.loads((r / "metrics.json").read_text()) for r in (sib, alone))
+        assert ms["heldout_accuracy"] == ma["heldout_accuracy"]
+        assert ms["reward"] == ma["reward"] and ms["config"] == ma["config"]
+        assert (sib / "run_config.json").read_text() == (alone / "run_config.json").read_text()
+    from pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="may differ only"):
+        make_tiny_run(tmp_path / "bad", main, siblings=[(tmp_path / "x", replace(main, lr=1.0))])

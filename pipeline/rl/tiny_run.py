@@ -19,7 +19,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -142,6 +142,7 @@ def make_tiny_run(
     callbacks: Sequence[Any] = (),
     grpo_args: Mapping[str, Any] | None = None,
     init_model: str | Path | None = None,
+    siblings: Sequence[tuple[str | Path, TinyRunConfig]] = (),
 ) -> Path:
     """Train the run into ``out`` (``global_step_N/`` folders + metrics.json).
 
@@ -154,13 +155,22 @@ def make_tiny_run(
     GRPO from this HF model folder instead of a fresh model and its warm start
     (``cfg.arch``/``size``/``tie``/``sft_*`` are then unused): one cycle of an
     external RL-Extra loop, or a test that needs a policy with reward at once.
+    ``siblings``: (folder, config) of more runs of this same training, each
+    saved and scored as it would be on its own (its dtype, its shards, its
+    first ``rl_steps`` steps), so one training gives the runs that differ
+    only in how they are saved (``check_sibling``).
     """
+    for folder, sib in siblings:
+        check_sibling(cfg or TinyRunConfig(), sib, folder)
+    if siblings and rl_extra is not None:
+        raise PipelineError("sibling runs are not saved with RL-Extra", out)
     fresh = not Path(out).exists() or not any(Path(out).iterdir())
     with warnings.catch_warnings():  # the caller's filters are restored afterwards
         # TRL calls transformers APIs that warn about their own renames: not the user's concern
         warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
         try:
-            return _train(out, cfg, log, progress, rl_extra, callbacks, grpo_args, init_model)
+            return _train(out, cfg, log, progress, rl_extra, callbacks, grpo_args, init_model,
+                          siblings)
         except PipelineError:
             if rl_extra is not None and fresh:  # a refused RL-Extra setting: leave nothing
                 shutil.rmtree(out, ignore_errors=True)
@@ -170,7 +180,8 @@ def make_tiny_run(
 def _train(out: str | Path, cfg: TinyRunConfig | None, log: Callable[[str], None],
            progress: bool, rl_extra: RLExtra | RLExtraCallback | None = None,
            callbacks: Sequence[Any] = (), grpo_args: Mapping[str, Any] | None = None,
-           init_model: str | Path | None = None) -> Path:
+           init_model: str | Path | None = None,
+           siblings: Sequence[tuple[str | Path, TinyRunConfig]] = ()) -> Path:
     import transformers
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, TrainerCallback
@@ -180,9 +191,12 @@ def _train(out: str | Path, cfg: TinyRunConfig | None, log: Callable[[str], None
     transformers.utils.logging.set_verbosity_error()
     cfg = cfg or TinyRunConfig()
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise PipelineError("output folder exists and is not empty", out)
-    out.mkdir(parents=True, exist_ok=True)
+    outputs = [(out, cfg), *((Path(f), c) for f, c in siblings)]
+    for folder, _ in outputs:
+        if folder.exists() and any(folder.iterdir()):
+            raise PipelineError("output folder exists and is not empty", folder)
+    for folder, _ in outputs:
+        folder.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     torch.use_deterministic_algorithms(True, warn_only=True)
     _seed_everything(cfg.seed)
@@ -198,6 +212,7 @@ def _train(out: str | Path, cfg: TinyRunConfig | None, log: Callable[[str], None
     metrics: dict = {"config": _config_dict(cfg), "reward": [], "heldout_accuracy": {}}
     if init_model is not None:
         metrics["init_model"] = str(init_model)
+    sib_acc: list[dict[str, float]] = [{} for _ in siblings]
     extra_cb = None
     if rl_extra is not None:
         from pipeline.rl.extra import STEP_META_FILE, RLExtraCallback, step_meta_json
@@ -205,26 +220,33 @@ def _train(out: str | Path, cfg: TinyRunConfig | None, log: Callable[[str], None
         extra_cb = rl_extra if isinstance(rl_extra, RLExtraCallback) else RLExtraCallback(rl_extra)
         metrics["nominal_step"] = {}
 
-    def checkpoint(step: int, m) -> None:
-        folder = out / f"global_step_{step}"
-        extra_files = None
-        if extra_cb is not None:
-            meta = extra_cb.step_metadata(step)
-            metrics["nominal_step"][str(step)] = meta["nominal_step"]
-            extra_files = {STEP_META_FILE: step_meta_json(meta)}
-        save_checkpoint(m, tokenizer, folder, cfg.dtype, cfg.max_shard_size, extra_files)
+    def save_and_score(step: int, m, root: Path, c: TinyRunConfig,
+                       extra_files: Mapping[str, str] | None = None) -> float:
+        folder = root / f"global_step_{step}"
+        save_checkpoint(m, tokenizer, folder, c.dtype, c.max_shard_size, extra_files)
         # score the files as a user will load them, not the in-memory copy
-        acc = greedy_accuracy(AutoModelForCausalLM.from_pretrained(folder), tokenizer, heldout)
-        metrics["heldout_accuracy"][str(step)] = acc
-        log(f"step {step:>5}: held-out greedy accuracy {acc:.3f}")
+        return greedy_accuracy(AutoModelForCausalLM.from_pretrained(folder), tokenizer, heldout)
+
+    def checkpoint(step: int, m) -> None:
+        if _saves_at(cfg, step):
+            extra_files = None
+            if extra_cb is not None:
+                meta = extra_cb.step_metadata(step)
+                metrics["nominal_step"][str(step)] = meta["nominal_step"]
+                extra_files = {STEP_META_FILE: step_meta_json(meta)}
+            acc = save_and_score(step, m, out, cfg, extra_files)
+            metrics["heldout_accuracy"][str(step)] = acc
+            log(f"step {step:>5}: held-out greedy accuracy {acc:.3f}")
+        for (root, c), accs in zip(siblings, sib_acc, strict=True):
+            if _saves_at(c, step):
+                accs[str(step)] = save_and_score(step, m, Path(root), c)
 
     checkpoint(0, model)
 
     class SaveEvery(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kw):
             bar.update(1)
-            if state.global_step % cfg.save_every == 0 or state.global_step == cfg.rl_steps:
-                checkpoint(state.global_step, model)
+            checkpoint(state.global_step, model)
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "reward" in logs:
@@ -276,9 +298,33 @@ def _train(out: str | Path, cfg: TinyRunConfig | None, log: Callable[[str], None
     metrics["seconds"] = round(time.perf_counter() - t_start, 1)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
     (out / RUN_CONFIG_FILE).write_text(json.dumps(_config_dict(cfg), indent=1))
+    for (root, c), accs in zip(siblings, sib_acc, strict=True):
+        sib = {**metrics, "config": _config_dict(c), "heldout_accuracy": accs,
+               "reward": [r for r in metrics["reward"] if r["step"] <= c.rl_steps],
+               "sibling_of": str(out)}
+        (Path(root) / METRICS_FILE).write_text(json.dumps(sib, indent=1))
+        (Path(root) / RUN_CONFIG_FILE).write_text(json.dumps(_config_dict(c), indent=1))
     if extra_cb is not None:
         (out / RL_EXTRA_FILE).write_text(json.dumps(extra_cb.summary(), indent=1))
     return out
+
+
+def _saves_at(cfg: TinyRunConfig, step: int) -> bool:
+    """Whether a run of ``cfg`` saves a checkpoint after ``step`` optimizer steps (0: the start)."""
+    return step <= cfg.rl_steps and (step % cfg.save_every == 0 or step == cfg.rl_steps)
+
+
+def check_sibling(cfg: TinyRunConfig, sib: TinyRunConfig, folder: str | Path) -> None:
+    """Refuse a sibling run that one training of ``cfg`` cannot give bit-identically.
+
+    Only how it is saved may differ (dtype, shards, save interval) and it may stop
+    earlier: the steps it shares with ``cfg`` are the same steps.
+    """
+    same = replace(sib, dtype=cfg.dtype, max_shard_size=cfg.max_shard_size,
+                   rl_steps=cfg.rl_steps, save_every=cfg.save_every)
+    if same != cfg or sib.rl_steps > cfg.rl_steps:
+        raise PipelineError("a sibling run may differ only in dtype, max_shard_size, "
+                            "save_every and a smaller rl_steps", folder)
 
 
 @contextmanager
