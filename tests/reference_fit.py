@@ -1,9 +1,11 @@
 """The reference fit for tests: the tiled numpy implementation the fused kernel replaced.
 
 Frozen copy of ``pipeline/fit/kernels.py`` as it was before the fused kernel
-(``pipeline.engine``): the engine's results must equal it within float64
-rounding (in fact bitwise, the arithmetic is the same operation for
-operation). It shares no code with the engine.
+(``pipeline.engine``), which has since replaced it everywhere (export's line
+fits included), so the numpy implementation lives only here. The engine's
+results must equal it within float64 rounding (in fact bitwise, the
+arithmetic is the same operation for operation). It shares no code with the
+engine.
 
 Model, for every scalar weight w at steps s_1 < ... < s_N of a window:
 ``w(s) = intercept + slope * s`` by least squares. Numerics:

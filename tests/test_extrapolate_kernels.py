@@ -71,9 +71,14 @@ def test_fit_line_matches_polyfit_and_gate_picks_per_element():
     vals[:, 7] = vals[0, 7]  # a static element
     fit, last = K.fit_line(list(vals), steps)
     slope, intercept = np.polyfit(np.array(steps, float), vals.astype(np.float64), 1)
-    np.testing.assert_allclose(fit.slope, slope, rtol=1e-9, atol=1e-15)
-    np.testing.assert_allclose(K.line_value(fit.slope, fit.intercept, 100),
-                               intercept + slope * 100, rtol=1e-9, atol=1e-12)
+    # float32 results, as the fit stage writes them: each within one float32 rounding
+    assert fit.slope.dtype == fit.intercept.dtype == np.float32
+    eps = 2.0**-24
+    tiny = 1e-9 * np.abs(slope).max()  # polyfit's own rounding (the static element)
+    assert (np.abs(fit.slope - slope) <= 1.01 * eps * np.abs(slope) + tiny).all()
+    pred64 = intercept + slope * 100
+    err = np.abs(K.line_value(fit.slope, fit.intercept, 100) - pred64)
+    assert (err <= 1.01 * eps * (np.abs(intercept) + 100 * np.abs(slope)) + tiny).all()
     np.testing.assert_array_equal(last, vals[-1])
     assert np.isnan(fit.r2[7])
     pred = K.line_value(fit.slope, fit.intercept, 100)

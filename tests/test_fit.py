@@ -12,6 +12,7 @@ from pathlib import Path
 import ml_dtypes  # noqa: F401  (bf16 for safetensors)
 import numpy as np
 import pytest
+import reference_fit as K  # noqa: N812  (the numpy fit: the reference)
 from fit_checks import assert_same_fit
 from safetensors import safe_open
 from typer.testing import CliRunner
@@ -19,7 +20,6 @@ from typer.testing import CliRunner
 from pipeline.checkpoints.discover import discover_checkpoints
 from pipeline.compute import dask_client
 from pipeline.fit import fit_store, open_fit
-from pipeline.fit import kernels as K
 from pipeline.fit.histograms import by_layer_module, overall, summary_frames
 from pipeline.store.ingest import ingest
 from pipeline.workspace import Workspace
@@ -204,21 +204,23 @@ def test_a_fit_writes_twelve_bytes_an_element_and_the_null_on_request(
 
 
 def test_flip_mask_is_counter_based() -> None:
-    whole = K.flip_mask(7, "t", 30, 0, 5000)
+    from pipeline.engine import signs as S  # noqa: N812
+
+    whole = S.flip_mask(7, "t", 30, 0, 5000)
     assert 0.45 < whole.mean() < 0.55
     for lo, hi in [(0, 1), (255, 257), (1000, 4321), (4999, 5000)]:
-        np.testing.assert_array_equal(K.flip_mask(7, "t", 30, lo, hi), whole[lo:hi])
+        np.testing.assert_array_equal(S.flip_mask(7, "t", 30, lo, hi), whole[lo:hi])
     # long ranges are generated a chunk at a time: the stream must not notice
-    chunk = K.SIGN_CHUNK * K.SIGN_BLOCK
-    long = K.flip_mask(7, "t", 30, 0, 3 * chunk + 1000)
+    chunk = S.SIGN_CHUNK * S.SIGN_BLOCK
+    long = S.flip_mask(7, "t", 30, 0, 3 * chunk + 1000)
     np.testing.assert_array_equal(long[:5000], whole)
     for lo, hi in [(chunk - 3, chunk + 3), (100, 2 * chunk + 77), (chunk + 1, 3 * chunk + 1000)]:
-        np.testing.assert_array_equal(K.flip_mask(7, "t", 30, lo, hi), long[lo:hi])
-    many = K.flip_masks(7, "t", [30, 40], 100, 9000)
+        np.testing.assert_array_equal(S.flip_mask(7, "t", 30, lo, hi), long[lo:hi])
+    many = S.flip_masks(7, "t", [30, 40], 100, 9000)
     np.testing.assert_array_equal(many[0], long[100:9000])
-    np.testing.assert_array_equal(many[1], K.flip_mask(7, "t", 40, 100, 9000))
-    assert not np.array_equal(K.flip_mask(7, "t", 40, 0, 5000), whole)
-    assert not np.array_equal(K.flip_mask(7, "u", 30, 0, 5000), whole)
+    np.testing.assert_array_equal(many[1], S.flip_mask(7, "t", 40, 100, 9000))
+    assert not np.array_equal(S.flip_mask(7, "t", 40, 0, 5000), whole)
+    assert not np.array_equal(S.flip_mask(7, "u", 30, 0, 5000), whole)
 
 
 def test_static_exact_and_distinct_capped_on_known_values() -> None:
@@ -300,7 +302,6 @@ def test_reference_finish_matches_finalize_select_summarize() -> None:
     """The reference's tile pass (``tests/reference_fit.py``, what the engine is checked
     against) gives what the block-wide functions define."""
     import ml_dtypes as mld
-    import reference_fit as K  # noqa: N812  (the same names as pipeline.fit.kernels)
 
     rng = np.random.default_rng(9)
     k, m, n_bins = 9, 70001, 20  # several tiles, the last one short

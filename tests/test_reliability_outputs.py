@@ -523,8 +523,8 @@ def test_fit_never_crashes_on_a_lone_surrogate_tensor_name(ingested, tmp_path, c
     From a source that yields one anyway, the fit either completes or raises one
     ``PipelineError`` before its folder is created; the null's signs get a key either way.
     """
+    from pipeline.engine.signs import sign_key
     from pipeline.fit import fit_store, open_fit
-    from pipeline.fit.kernels import sign_key
 
     _, store, _ = ingested
     alias = "model.layers.0.mlp.up_proj.\udcff"

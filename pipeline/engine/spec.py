@@ -4,8 +4,9 @@ Pure arithmetic and small dataclasses, no I/O, no Dask. A backend
 (``pipeline.engine.numba_backend``, ``pipeline.engine.torch_backend``) turns
 ``(k steps, m elements)`` of raw bit patterns into per-element float32
 results and the additive ``BlockCounts`` of one block, with the numerics of
-``pipeline.fit.kernels`` (deltas from the first step, float64 sums added in
-step order, the sign-flipped null walk, the authors' filters).
+the numpy reference in ``tests/reference_fit.py`` (deltas from the first
+step, float64 sums added in step order, the sign-flipped null walk, the
+authors' filters).
 """
 
 from __future__ import annotations

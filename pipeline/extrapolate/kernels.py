@@ -12,17 +12,15 @@ importing it costs seconds per export.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
 
 from pipeline.compute.threads import compute_threads, run_ranges, split_ranges
 from pipeline.dtypes import BF16, is_float  # noqa: F401  (K.is_float: export, backtest)
 from pipeline.workspace import Workspace
-
-if TYPE_CHECKING:
-    from pipeline.fit.kernels import Fit
 
 COMPUTE = np.dtype(np.float32)
 
@@ -123,27 +121,53 @@ def two_point(w0: np.ndarray, w1: np.ndarray, alpha: float, out: np.ndarray | No
     return out
 
 
-def fit_line(blocks: Iterable[np.ndarray], steps: Sequence[int]) -> tuple[Fit, np.ndarray]:
-    """Per-element least-squares line through ``blocks`` (one per step, in step order).
+@dataclass(frozen=True)
+class Line:
+    """Per-element least-squares line of one block: what the fit stage writes for it.
 
-    Uses the fit stage's kernels (``pipeline.fit.kernels``), so export and
-    fit agree on every bit of slope, intercept and R². The blocks are
-    consumed one at a time: memory is the fit state of one block, not
-    ``len(steps)`` copies. Returns the fit (flat arrays) and the last block.
+    float32 like the fit's results (``pipeline.engine``); ``line_value`` widens
+    them to float64 before they meet.
     """
-    # imported here: ``import pipeline.fit`` loads dask/xarray/zarr (~1 s), which a
-    # two-point export never needs
-    from pipeline.fit import kernels as FK
+
+    slope: np.ndarray  # per training step
+    intercept: np.ndarray  # at step 0
+    r2: np.ndarray  # NaN where the element never moved
+
+
+def fit_line(blocks: Iterable[np.ndarray], steps: Sequence[int],
+             backend: str | None = None) -> tuple[Line, np.ndarray]:
+    """The line through ``blocks`` (one per step, in step order) by the fit stage's own kernel.
+
+    The fused kernel of ``pipeline.engine`` (the default backend unless
+    ``backend`` names one), so export and ``rlvr-lin fit`` agree on every bit
+    of slope, intercept and R². The blocks are added one at a time into the
+    kernel's carry: memory is the carry of one block, not ``len(steps)``
+    copies. The null walk is not wanted here (its signs are all zero).
+    Returns the line (flat arrays) and the last block.
+    """
+    from pipeline.engine import DEFAULT_BACKEND, get_backend
+    from pipeline.engine.signs import sign_words
+    from pipeline.engine.spec import RESULTS, XStats, codec_for, kernel_inputs
 
     it = iter(blocks)
-    first = next(it)
-    state = FK.init_state(first)
-    no_flip = [np.zeros(state.size, bool)]  # the null path is not needed here
+    first = np.asarray(next(it))
+    m = first.size
+    be = get_backend(backend or DEFAULT_BACKEND)
+    codec = codec_for(first.dtype)
+    no_flip = sign_words(0, "", [None], 0, m)  # one row of zero words
+    carry = be.start(m)
     last = first
-    for s, block in zip(steps[1:], it, strict=True):
-        FK.update(state, np.reshape(block, (1, -1)), [float(s - steps[0])], no_flip)
+    for i, block in enumerate(itertools.chain([first], it)):
+        if i >= len(steps):
+            raise ValueError(f"more blocks than the {len(steps)} steps")
+        bits, wide = kernel_inputs(np.ascontiguousarray(block).reshape(1, m), codec)
+        be.add(carry, bits, wide, codec, np.array([float(steps[i] - steps[0])]), no_flip, 0)
         last = block
-    return FK.finalize(state, FK.XStats.from_steps(steps), first.dtype), last
+    if i + 1 != len(steps):
+        raise ValueError(f"{i + 1} blocks for {len(steps)} steps")
+    out = {r: np.empty(m, np.float32) for r in RESULTS}
+    be.finish(carry, XStats.from_steps(steps), 1, out)
+    return Line(out["slope"], out["intercept"], out["r2"]), last
 
 
 def line_value(slope: np.ndarray, intercept: np.ndarray, target: float) -> np.ndarray:
@@ -152,7 +176,7 @@ def line_value(slope: np.ndarray, intercept: np.ndarray, target: float) -> np.nd
     float64 throughout: the slope is tiny next to the intercept, and this sum
     is the only place both meet.
     """
-    return intercept + slope * float(target)
+    return intercept.astype(np.float64) + slope.astype(np.float64) * float(target)
 
 
 def gate(pred: np.ndarray, last: np.ndarray, r2: np.ndarray, r2_min: float) -> np.ndarray:

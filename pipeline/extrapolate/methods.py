@@ -26,9 +26,9 @@ from pipeline.errors import PipelineError, check_number
 if TYPE_CHECKING:
     import numpy as np
 
+    from pipeline.extrapolate.kernels import Line
     from pipeline.extrapolate.plan import TensorPlan
     from pipeline.extrapolate.rank1 import BlockReader
-    from pipeline.fit.kernels import Fit
     from pipeline.workspace import Workspace
 
 # how a method picks its steps: Eq. 2's two endpoints, or every step of a window
@@ -59,9 +59,9 @@ class BlockInput:
     out_dtype: np.dtype | None = None  # None: float32
     ws: Workspace | None = None
     threads: int | None = None
-    fits: dict[tuple[int, ...], tuple[Fit, np.ndarray]] = field(default_factory=dict)
+    fits: dict[tuple[int, ...], tuple[Line, np.ndarray]] = field(default_factory=dict)
 
-    def fit(self) -> tuple[Fit, np.ndarray]:
+    def fit(self) -> tuple[Line, np.ndarray]:
         """Per-element least-squares line through ``blocks`` (computed once per block)."""
         from pipeline.extrapolate import kernels as K
 

@@ -19,13 +19,31 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from pipeline.fit.kernels import THRESHOLDS, bin_edges, hist_median
+from pipeline.engine.spec import THRESHOLDS
 from pipeline.fit.names import NO_LAYER, NameInfo, display_name, module_rank, parse_name
 
 COUNT_VARS = ("n_elements", "n_static", "n_nonfinite", "n_selected", "removed_min_change",
               "removed_distinct", "r2_sum", "null_r2_sum") + tuple(
                   f"n_above_{t}" for t in THRESHOLDS) + tuple(
                   f"null_above_{t}" for t in THRESHOLDS)
+
+
+def bin_edges(n_bins: int) -> np.ndarray:
+    """Fixed edges on [0, 1] so histograms add across blocks, tensors, layers and runs."""
+    return np.linspace(0.0, 1.0, n_bins + 1)
+
+
+def hist_median(hist: np.ndarray) -> float:
+    """Median of a fixed-bin histogram on [0, 1], interpolated linearly inside its bin."""
+    total = hist.sum()
+    if total == 0:
+        return float("nan")
+    cum = np.cumsum(hist)
+    half = total / 2.0
+    i = int(np.searchsorted(cum, half))
+    below = cum[i - 1] if i else 0
+    width = 1.0 / hist.shape[0]
+    return float((i + (half - below) / hist[i]) * width)
 
 
 def build_dataset(names: list[str], summaries: Mapping[str, Any], selection: str,

@@ -1,7 +1,7 @@
 """Figures of the fit report (matplotlib): each function returns PNG bytes.
 
 They take the histogram Datasets from ``pipeline.fit.histograms`` and a few
-raw trajectories; nothing here computes R² (that is ``pipeline.fit.kernels``).
+raw trajectories; nothing here computes R² (that is ``pipeline.engine``).
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
-from pipeline.fit.histograms import by_layer_module, overall
-from pipeline.fit.kernels import hist_median
+from pipeline.fit.histograms import by_layer_module, hist_median, overall
 from pipeline.fit.names import NO_LAYER, module_rank
 
 REAL = "#0072B2"
