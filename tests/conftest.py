@@ -1,8 +1,10 @@
 """Shared fixtures: real tiny RLVR runs, generated once and cached on disk.
 
-Generating a run takes tens of seconds, so each variant is made once per
-machine under ``.cache/tiny-runs/<hash of its config>`` and reused by every
-test session. Tests must treat these folders as read-only: copy first
+Generating a run takes tens of seconds (the embedded run ~100 s on one
+core), so each variant is made once per machine under
+``.cache/tiny-runs/<hash of its config>`` and reused by every test session;
+on a fresh machine they are made in the background while the first tests
+run (``tiny_runs_generated``). Tests must treat these folders as read-only: copy first
 (``copy_run``) before damaging or appending to one.
 
 Two kinds of run: the *layout* runs (short, fast; 0..100 every 10 and
