@@ -697,16 +697,3 @@ def finish(state: FitState, xst: XStats, dtype: np.dtype, n_bins: int,
             null_above=tuple(above[("null_r2", name, t)] for t in THRESHOLDS))
         removed[name] = (n_moving - n_change, n_change - n_paper) if paper_filters else (0, 0)
     return BlockTotals(n_static, n_nonfinite, summaries, removed)
-
-
-def hist_median(hist: np.ndarray) -> float:
-    """Median of a fixed-bin histogram on [0, 1], interpolated linearly inside its bin."""
-    total = hist.sum()
-    if total == 0:
-        return float("nan")
-    cum = np.cumsum(hist)
-    half = total / 2.0
-    i = int(np.searchsorted(cum, half))
-    below = cum[i - 1] if i else 0
-    width = 1.0 / hist.shape[0]
-    return float((i + (half - below) / hist[i]) * width)
