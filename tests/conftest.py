@@ -192,8 +192,8 @@ def pytest_collection_modifyitems(session, config, items: list[pytest.Item]) -> 
     """
     need: dict[str, int] = {}
     for item in items:
-        need[item.nodeid.split("::")[0]] = max(need.get(item.nodeid.split("::")[0], 0),
-                                               _run_need(item))
+        module = item.nodeid.split("::")[0]
+        need[module] = max(need.get(module, 0), _run_need(item))
     items.sort(key=lambda it: need[it.nodeid.split("::")[0]])
 
 
@@ -248,8 +248,9 @@ def pytest_configure(config) -> None:
 
     import dask
 
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return
+    if ("forkserver" not in multiprocessing.get_all_start_methods()
+            or config.getoption("numprocesses", None) and not hasattr(config, "workerinput")):
+        return  # no forkserver here, or the xdist controller (it starts no cluster)
     dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
     from distributed.utils import get_mp_context
 
