@@ -18,6 +18,13 @@ runs are below one chunk). Transforms:
   the bit pattern from the two previous steps (key every K; the step after a
   key uses the previous step alone).
 
+``--entropy`` prints the lossless floor instead: the order-0 entropy of the
+previous-step deltas (bits per element), and the same conditioned on the
+exponent of the element's previous value (a coder that knew each element's
+magnitude), each as a fraction of the element's width; with step 0 stored
+at the raw codec's ratio, that bounds what any coder of these deltas can
+reach (``floor``).
+
 Ratios are over the checkpoint files' bytes (what ``store / checkpoints`` of
 the ingest report measures, minus zarr metadata). Times are one thread,
 encode transform + compress of the whole run.
@@ -104,12 +111,47 @@ def measure(steps: list[dict[str, np.ndarray]], total: int, kind: str, k: int,
     return size / total, raw / 1e6 / dt
 
 
+def _entropy(v: np.ndarray) -> float:
+    """Plug-in order-0 entropy of the values of ``v``, in bits per value."""
+    _, c = np.unique(v, return_counts=True)
+    p = c / c.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def entropy_floor(steps: list[dict[str, np.ndarray]], total: int) -> None:
+    """Print H(delta) and H(delta | exponent of the previous value) per element, and the floor."""
+    width = 8 * next(iter(steps[0].values())).dtype.itemsize
+    man = {16: 7, 32: 23, 64: 52}[width]  # mantissa bits: the exponent sits above them
+    h = hc = n = 0.0
+    for i in range(1, len(steps)):
+        for name, b in steps[i].items():
+            prev = steps[i - 1][name].reshape(-1)
+            d = zigzag(b.reshape(-1) - prev)
+            e = (prev >> prev.dtype.type(man)) & prev.dtype.type(0xFF if width < 64 else 0x7FF)
+            h += _entropy(d) * d.size
+            order = np.argsort(e, kind="stable")
+            es, ds = e[order], d[order]
+            cuts = np.flatnonzero(np.diff(es)) + 1
+            hc += sum(_entropy(g) * g.size for g in np.split(ds, cuts))
+            n += d.size
+    raw0 = sum(len(Blosc(cname="zstd", clevel=1, shuffle=Blosc.BITSHUFFLE,
+                         typesize=b.dtype.itemsize).encode(np.ascontiguousarray(b)))
+               for b in steps[0].values())
+    k = len(steps)
+    for label, bits in (("H(delta)", h / n), ("H(delta | exponent)", hc / n)):
+        floor = (raw0 + (k - 1) / k * total * bits / width) / total
+        print(f"  {label:<20} {bits:6.2f} bits of {width} = {bits / width:.3f};  "
+              f"floor with step 0 at zstd: {floor:.3f} of the checkpoint bytes")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("runs", type=Path, nargs="+")
     ap.add_argument("--groups", default="4,8,0", help="key-step intervals K to try (0: none)")
     ap.add_argument("--codecs", default=",".join(CODECS))
+    ap.add_argument("--entropy", action="store_true",
+                    help="print the entropy floor of the previous-step deltas instead")
     a = ap.parse_args()
     from numcodecs import blosc
 
@@ -121,6 +163,9 @@ def main() -> None:
         steps, total = load_run(run)
         dt = next(iter(steps[0].values())).dtype
         print(f"\n{run}: {len(steps)} steps, {total / 1e6:.1f} MB, bits {dt}")
+        if a.entropy:
+            entropy_floor(steps, total)
+            continue
         codecs = a.codecs.split(",")
         print(f"{'transform':<12}" + "".join(f"{c:>16}" for c in codecs))
         for kind, k in candidates:
