@@ -319,6 +319,22 @@ def _write_pickle_range(w: _ChunkWriter, index: int, rng: RangeSpec,
     return BlockResult(nbytes, nonfinite)
 
 
+def _prefetch(fd: int, start: int, stop: int) -> None:
+    """Ask the kernel to read a task's byte range ahead while the task compresses.
+
+    A task reads its range chunk by chunk and compresses each before the
+    next read; from a cold page cache every read then waited for the disk
+    (ingest of the issue run from disk: 12.6 s against 9.6 s from the page
+    cache). Advisory only: where the call is missing or refused, nothing changes.
+    """
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is not None and stop > start:
+        try:
+            advise(fd, start, stop - start, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+
+
 def same_pieces(rngs: list[RangeSpec]) -> bool:
     """Whether ranges of several steps cover the same rows of the same tensors, in order."""
     def key(r: RangeSpec) -> list[tuple]:
@@ -353,6 +369,7 @@ def write_ranges(store: str | Path | RemotePath, indices: list[int], rngs: list[
     try:
         for r in rngs:
             fds.append(os.open(r.file, os.O_RDONLY))
+            _prefetch(fds[-1], r.start, r.stop)
         sizes = [os.fstat(fd).st_size for fd in fds]
         hashers = [_RangeHasher(fd, r.start, r.stop) for fd, r in zip(fds, rngs, strict=True)]
         nonfinite: list[dict[str, tuple[int, int, int]]] = [{} for _ in rngs]
