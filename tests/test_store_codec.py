@@ -5,11 +5,11 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import PipelineError
-from pipeline.store.codec import count_nonfinite, decode, encode
+from pipeline.store.codec import count_nonfinite, decode, encode, encode_into
 from pipeline.store.layout import group_tasks, plan_pieces
 from pipeline.store.naming import check_names, escape_name, unescape_name
 
@@ -98,8 +98,6 @@ def test_encode_into_equals_encode_and_leaves_bits(width: int) -> None:
     b = rng.integers(0, hi, (64, 3), dtype=u, endpoint=True)
     keep = a.copy()
     out, scratch = np.full_like(a, 7), np.full_like(a, 9)
-    from pipeline.store.codec import encode_into
-
     np.testing.assert_array_equal(encode_into(a, b, out, scratch), encode(a, b))
     np.testing.assert_array_equal(a, keep)
 
@@ -108,7 +106,7 @@ def test_encode_into_equals_encode_and_leaves_bits(width: int) -> None:
 def test_fused_kernels_equal_numpy_passes(width: int) -> None:
     """The one-pass numba kernels (large blocks) give the numpy passes' bits exactly."""
     from pipeline.store import zigzag
-    from pipeline.store.codec import FUSED_MIN_ELEMENTS, encode_into
+    from pipeline.store.codec import FUSED_MIN_ELEMENTS
 
     u = np.dtype(f"<u{width}")
     rng = np.random.default_rng(width + 20)
@@ -124,3 +122,69 @@ def test_fused_kernels_equal_numpy_passes(width: int) -> None:
     np.testing.assert_array_equal(zigzag.encode_into(a, b, np.empty_like(a)), want)
     np.testing.assert_array_equal(decode(want.copy(), b, out=np.full_like(a, 5)), a)
     np.testing.assert_array_equal(decode(want, b), a)  # the allocating numpy path
+
+
+def _sorted_reference(a: np.ndarray, b: np.ndarray, seg: int) -> np.ndarray:
+    """Sorted deltas written out by hand: per segment, the plain deltas taken in the order of
+    Python's stable ``sorted`` of the reference's 8 bits below the sign bit."""
+    plain = encode(a, b).reshape(-1)
+    ref = b.reshape(-1)
+    shift = 8 * b.dtype.itemsize - 9
+    out = []
+    for lo in range(0, plain.size, seg):
+        idx = range(lo, min(lo + seg, plain.size))
+        out += [plain[i] for i in sorted(idx, key=lambda i: (int(ref[i]) >> shift) & 0xFF)]
+    return np.array(out, dtype=a.dtype).reshape(a.shape)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([2, 4, 8]), st.integers(1, 300), st.integers(1, 97), st.integers(0, 99))
+def test_sorted_deltas_are_the_plain_ones_grouped_by_the_reference_exponent(
+        width: int, n: int, seg: int, seed: int) -> None:
+    u = np.dtype(f"<u{width}")
+    rng = np.random.default_rng(seed)
+    hi = np.iinfo(u).max
+    b = rng.integers(0, hi, n, dtype=u, endpoint=True)
+    a = b + rng.integers(-4, 5, n).astype(u)
+    want = _sorted_reference(a, b, seg)
+    np.testing.assert_array_equal(encode(a, b, seg), want)
+    np.testing.assert_array_equal(encode_into(a, b, np.full_like(a, 7), np.empty_like(a), seg),
+                                  want)
+    np.testing.assert_array_equal(decode(want.copy(), b, seg=seg), a)
+    np.testing.assert_array_equal(decode(want.copy(), b, out=np.full_like(a, 3), overwrite=True,
+                                         seg=seg), a)
+
+
+def test_sorted_deltas_of_8_bit_patterns_are_plain() -> None:
+    a, b = np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8)[::-1].copy()
+    np.testing.assert_array_equal(encode(a, b, 16), encode(a, b))
+
+
+@pytest.mark.parametrize("width", [2, 4, 8])
+def test_sorted_fused_kernels_equal_the_reference(width: int) -> None:
+    """Large blocks go through the numba kernels: same bits as the numpy path, segment by
+    segment (a last segment shorter than the others included)."""
+    from pipeline.store import zigzag
+    from pipeline.store.codec import FUSED_MIN_ELEMENTS
+
+    u = np.dtype(f"<u{width}")
+    rng = np.random.default_rng(width + 30)
+    w = rng.standard_normal(1 << 20).astype(np.float32)  # realistic exponents, both signs
+    bits = w.view("<u4") if width == 4 else (
+        (w.view("<u4") >> 16).astype(u) if width == 2 else w.astype(np.float64).view("<u8"))
+    b = np.ascontiguousarray(bits.astype(u))
+    a = b + rng.integers(-6, 7, b.size).astype(u)
+    seg = 300_007  # not a divisor of the block
+    assert a.size >= FUSED_MIN_ELEMENTS
+    plain = encode(a, b)
+    want = np.empty_like(plain)
+    for lo in range(0, a.size, seg):  # numpy's own stable sort as the reference here
+        hi_ = min(lo + seg, a.size)
+        key = (b[lo:hi_] >> u.type(8 * width - 9)) & u.type(0xFF)
+        want[lo:hi_] = plain[lo:hi_][np.argsort(key, kind="stable")]
+    got = zigzag.encode_sorted_into(a, b, np.empty_like(a), seg)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(encode_into(a, b, np.empty_like(a), np.empty_like(a), seg), want)
+    np.testing.assert_array_equal(zigzag.decode_sorted_into(want, b, np.empty_like(a), seg), a)
+    np.testing.assert_array_equal(decode(want.copy(), b, out=np.empty_like(a), seg=seg), a)
+    assert not np.array_equal(want, plain)  # the order did change

@@ -46,7 +46,7 @@ _local = threading.local()  # per-thread buffers: one open store serves all of a
 KEEP_BYTES = 64 << 20  # largest scratch buffer a thread keeps between calls
 
 
-def scratch(n: int, dtype: np.dtype) -> np.ndarray:
+def scratch(n: int, dtype: np.dtype, role: str = "block") -> np.ndarray:
     """A flat buffer of ``n`` items, this thread's own, reused call after call (no page faults).
 
     A request over ``KEEP_BYTES`` gets a new array that is not kept (a
@@ -55,10 +55,11 @@ def scratch(n: int, dtype: np.dtype) -> np.ndarray:
     dtype = np.dtype(dtype)
     if n * dtype.itemsize > KEEP_BYTES:
         return np.empty(n, dtype)
-    bufs: dict[str, np.ndarray] = _local.__dict__.setdefault("bufs", {})
-    buf = bufs.get(dtype.str)
+    bufs: dict[tuple[str, str], np.ndarray] = _local.__dict__.setdefault("bufs", {})
+    key = (role, dtype.str)
+    buf = bufs.get(key)
     if buf is None or buf.size < n:
-        buf = bufs[dtype.str] = np.empty(n, dtype)
+        buf = bufs[key] = np.empty(n, dtype)
     return buf[:n]
 
 

@@ -137,15 +137,39 @@ class RunStore:
             out = np.empty(shape, dtype=dtype)
         elif out.shape != shape or out.dtype != dtype:
             raise ValueError(f"out is {out.shape} {out.dtype}, the block is {shape} {dtype}")
-        if not idx:
+        if not idx or 0 in shape:
             return out
+        if not full:  # a scalar: one element, one chunk
+            return self._decode_rows(name, arr, idx, 0, 1, out)
+        r0, r1, step = tail[0].indices(full[0])
+        rows = range(r0, r1, step)
+        lo, hi = min(rows[0], rows[-1]), max(rows[0], rows[-1]) + 1
+        cr = self._chunk_rows(name, arr)
+        a, b = lo - lo % cr, min(full[0], -(-hi // cr) * cr)  # whole chunks: deltas sort per chunk
+        if (a, b, step) == (lo, hi, 1) and out.flags.c_contiguous:
+            return self._decode_rows(name, arr, idx, a, b, out)
+        whole = scratch(len(idx) * (b - a) * int(np.prod(full[1:], dtype=np.int64)),
+                        dtype, "rows").reshape(len(idx), b - a, *full[1:])
+        self._decode_rows(name, arr, idx, a, b, whole)
+        out[...] = whole[:, slice(r0 - a, r1 - a if r1 - a >= 0 else None, step)]
+        return out
+
+    def _chunk_rows(self, name: str, arr: zarr.Array) -> int:
+        return int(arr.chunks[1]) if len(arr.chunks) > 1 else 1
+
+    def _decode_rows(self, name: str, arr: zarr.Array, idx: list[int], r0: int, r1: int,
+                     out: np.ndarray) -> np.ndarray:
+        """Positions ``idx`` of rows [r0, r1), whole chunks, into C-contiguous ``out``."""
+        full = self.shape(name)
+        seg = (self._chunk_rows(name, arr) * int(np.prod(full[1:], dtype=np.int64))
+               if full else 1)
         direct = self._direct_array(name)
-        if direct is not None and out.flags.c_contiguous:
-            r0, r1 = (tail[0].indices(full[0])[:2]) if full else (0, 1)
-            if not full or tail[0].step in (None, 1):
-                self._decode_direct(direct, idx, r0, max(r0, r1), out)
-                return out
-        self._decode_into(arr, idx, tail, out)
+        if direct is not None:
+            self._decode_direct(direct, idx, r0, r1, out, seg)
+        else:
+            tail = (slice(r0, r1),) if full else ()
+            decode_positions(lambda p: np.asarray(arr[(p, *tail)]), idx, self._key_every, out,
+                             seg)
         return out
 
     def _direct_array(self, name: str) -> DirectArray | None:
@@ -160,15 +184,12 @@ class RunStore:
         return self._direct[name]
 
     def _decode_direct(self, arr: DirectArray, idx: list[int], r0: int, r1: int,
-                       out: np.ndarray) -> None:
-        """``_decode_into`` reading chunk files: one reused buffer for every stored block."""
-        buf = scratch(int(np.prod(out.shape[1:], dtype=np.int64)), out.dtype).reshape(out.shape[1:])
-        decode_positions(lambda p: arr.load_into(p, r0, r1, buf), idx, self._key_every, out)
-
-    def _decode_into(self, arr: zarr.Array, idx: list[int], tail: tuple,
-                     out: np.ndarray) -> None:
-        """Decode positions ``idx`` into ``out[k]``, reading each stored chunk once."""
-        decode_positions(lambda p: np.asarray(arr[(p, *tail)]), idx, self._key_every, out)
+                       out: np.ndarray, seg: int) -> None:
+        """``_decode_rows`` reading chunk files: one reused buffer for every stored block."""
+        buf = scratch(int(np.prod(out.shape[1:], dtype=np.int64)),
+                      out.dtype).reshape(out.shape[1:])
+        decode_positions(lambda p: arr.load_into(p, r0, r1, buf), idx, self._key_every, out,
+                         seg)
 
     def _positions(self, steps: slice | list[int] | None) -> list[int]:
         n = len(self._steps)

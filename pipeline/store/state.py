@@ -27,6 +27,7 @@ from pipeline.store.layout import (
     CLEVEL,
     RECORDS_GROUP,
     SCHEMA_VERSION,
+    SHUFFLE,
     STEP_ARRAY,
     TENSORS_GROUP,
     chunk_shape,
@@ -38,7 +39,7 @@ from pipeline.store.naming import check_names
 
 def compressor(itemsize: int) -> dict[str, Any]:
     """The tensors' compressor entry (zarr's ``BloscCodec``; ``tasks.chunk_codec`` runs it)."""
-    return zmeta.blosc_codec(itemsize, "zstd", CLEVEL, "shuffle")
+    return zmeta.blosc_codec(itemsize, "zstd", CLEVEL, SHUFFLE)
 
 
 @dataclass

@@ -44,14 +44,14 @@ from pipeline.store.codec import (
     reference,
 )
 from pipeline.store.integrity import TREE_BLOCK, block_digest, block_hasher, tree_digest
-from pipeline.store.layout import CLEVEL, TENSORS_GROUP
+from pipeline.store.layout import CLEVEL, SHUFFLE, TENSORS_GROUP
 from pipeline.store.location import RemotePath, as_location
 
 
 def chunk_codec(itemsize: int) -> Blosc:
     """The numcodecs Blosc that zarr's ``BloscCodec`` of ``state.compressor`` runs."""
-    return Blosc(cname="zstd", clevel=CLEVEL, shuffle=Blosc.SHUFFLE, blocksize=0,
-                 typesize=itemsize)
+    shuffle = {"shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}[SHUFFLE]
+    return Blosc(cname="zstd", clevel=CLEVEL, shuffle=shuffle, blocksize=0, typesize=itemsize)
 
 
 @dataclass(frozen=True)
@@ -231,28 +231,38 @@ def _chunk_at(spec: PieceSpec, index: int, a: int) -> tuple[tuple[int, ...], tup
 
 def _decoded_chunk(w: _ChunkWriter, spec: PieceSpec, index: int, a: int,
                    key_every: int) -> np.ndarray:
-    """Bits of the whole stored chunk at position ``index`` holding row ``a``, decoded.
+    """Bits of the rows of the stored chunk at position ``index`` holding row ``a``, decoded
+    (the rows of the chunk that lie in the tensor: its padding is not part of the encoding).
 
     Reads the chunk's chain (position 0, its key, the deltas up to
     ``index``): at most ``key_every + 1`` chunks.
     """
     dtype = bits_dtype(spec.info.dtype)
     base = cur = None
+    real = _real_rows(spec, a)
     for p in chain(index, key_every):
         coords, full = _chunk_at(spec, p, a)
-        stored = w.read(spec.array, coords, full, dtype)
+        stored = w.read(spec.array, coords, full, dtype)[:real]  # the padding is not encoded
         ref = reference(p, key_every)
         cur = stored if ref is None else decode(stored, base if ref == 0 else cur,
-                                                 overwrite=True)
+                                                 overwrite=True, seg=stored.size)
         if p == 0:
             base = cur
     assert cur is not None
     return cur
 
 
+def _real_rows(spec: PieceSpec, a: int) -> int:
+    """Rows of the chunk holding row ``a`` that lie in the tensor (1 for a scalar)."""
+    if not spec.info.shape:
+        return 1
+    start = a - a % spec.chunk_rows
+    return min(spec.chunk_rows, spec.info.shape[0] - start)
+
+
 def _write_chunk(w: _ChunkWriter, spec: PieceSpec, index: int, a: int, bits: np.ndarray,
                  ref: np.ndarray | None = None, key_every: int = DEFAULT_KEY_EVERY) -> None:
-    """Encode rows [a, a + len) of ``spec`` (at most one chunk) into position ``index``.
+    """Encode rows [a, a + len) of ``spec`` (one whole chunk) into position ``index``.
 
     ``bits`` is left as it is (the caller may keep it as the next step's
     reference). ``ref`` holds the bits of position ``reference(index)`` for
@@ -267,12 +277,16 @@ def _write_chunk(w: _ChunkWriter, spec: PieceSpec, index: int, a: int, bits: np.
         bits = bits.reshape(1)
     r = reference(index, key_every)
     if r is not None:
+        if (a % spec.chunk_rows if info.shape else a) or bits.shape[0] != _real_rows(spec, a):
+            raise ValueError(f"rows {a}:{a + bits.shape[0]} of {info.name} are not one whole "
+                             f"chunk of {spec.chunk_rows} rows (deltas are sorted per chunk)")
         if ref is None:
             ref = _decoded_chunk(w, spec, r, a, key_every)
         n = bits.size
         out = w.scratch("out", n, bits.dtype).reshape(bits.shape)
         sign = w.scratch("sign", n, bits.dtype).reshape(bits.shape)
-        bits = encode_into(bits, ref.reshape(-1, *bits.shape[1:])[: bits.shape[0]], out, sign)
+        bits = encode_into(bits, ref.reshape(-1, *bits.shape[1:])[: bits.shape[0]], out, sign,
+                           seg=n)
     if bits.shape[0] < full[0]:  # edge chunk: zarr pads it with the fill value
         padded = np.zeros(full, bits.dtype)
         padded[: bits.shape[0]] = bits

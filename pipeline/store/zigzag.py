@@ -12,6 +12,7 @@ its on-disk cache on first use.
 
 from __future__ import annotations
 
+import numpy as np
 from numba import njit
 from numpy.typing import NDArray
 
@@ -35,6 +36,65 @@ def _encode(bits, base, out, shift):
         out[i] = (d << one) ^ sign
 
 
+@njit(**_OPTS)
+def _starts(base, lo, hi, kshift, off):
+    """Counting-sort offsets of segment [lo, hi) by key ``(base >> kshift) & 0xFF``."""
+    cnt = np.zeros(256, np.int64)
+    for i in range(lo, hi):
+        cnt[(base[i] >> kshift) & 0xFF] += 1
+    s = lo
+    for k in range(256):
+        off[k] = s
+        s += cnt[k]
+
+
+@njit(**_OPTS)
+def _encode_sorted(bits, base, out, shift, kshift, seg):
+    one = bits.dtype.type(1)
+    off = np.empty(256, np.int64)
+    n = bits.shape[0]
+    for lo in range(0, n, seg):
+        hi = min(lo + seg, n)
+        _starts(base, lo, hi, kshift, off)
+        for i in range(lo, hi):
+            k = (base[i] >> kshift) & 0xFF
+            d = bits[i] - base[i]
+            out[off[k]] = (d << one) ^ (-((d >> shift) & one))
+            off[k] += 1
+
+
+@njit(**_OPTS)
+def _decode_sorted(stored, base, out, kshift, seg):
+    one = stored.dtype.type(1)
+    off = np.empty(256, np.int64)
+    n = stored.shape[0]
+    for lo in range(0, n, seg):
+        hi = min(lo + seg, n)
+        _starts(base, lo, hi, kshift, off)
+        for i in range(lo, hi):
+            k = (base[i] >> kshift) & 0xFF
+            s = stored[off[k]]
+            off[k] += 1
+            out[i] = ((s >> one) ^ (-(s & one))) + base[i]
+
+
+def encode_sorted_into(bits: NDArray, base: NDArray, out: NDArray, seg: int) -> NDArray:
+    """``codec.encode(bits, base, seg)`` in two passes per segment (C-contiguous, 16+ bits)."""
+    u = bits.dtype
+    w = 8 * u.itemsize
+    _encode_sorted(bits.reshape(-1), base.reshape(-1), out.reshape(-1), u.type(w - 1),
+                   u.type(w - 9), seg)
+    return out
+
+
+def decode_sorted_into(stored: NDArray, base: NDArray, out: NDArray, seg: int) -> NDArray:
+    """``codec.decode(stored, base, seg=seg)`` into ``out`` (not ``stored``), 16+ bits."""
+    u = stored.dtype
+    _decode_sorted(stored.reshape(-1), base.reshape(-1), out.reshape(-1),
+                   u.type(8 * u.itemsize - 9), seg)
+    return out
+
+
 def decode_into(stored: NDArray, base: NDArray, out: NDArray) -> NDArray:
     """``out = unzigzag(stored) + base`` (C-contiguous, same shape and unsigned dtype)."""
     _decode(stored.reshape(-1), base.reshape(-1), out.reshape(-1))
@@ -50,12 +110,13 @@ def encode_into(bits: NDArray, base: NDArray, out: NDArray) -> NDArray:
 
 def warm_up() -> None:
     """Load (or compile, the first time) both kernels for every unsigned width."""
-    import numpy as np
-
     for dt in (np.uint8, np.uint16, np.uint32, np.uint64):
         a = np.zeros(16, dt)
         decode_into(a, a, np.empty_like(a))
         encode_into(a, a, np.empty_like(a))
+        if a.dtype.itemsize > 1:
+            encode_sorted_into(a, a, np.empty_like(a), 8)
+            decode_sorted_into(a, a, np.empty_like(a), 8)
 
 
-__all__ = ["decode_into", "encode_into", "warm_up"]
+__all__ = ["decode_into", "decode_sorted_into", "encode_into", "encode_sorted_into", "warm_up"]
