@@ -52,6 +52,7 @@ def measure(mode: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--_mode", mode, "--run", str(args.run), "--store",
            str(args.store), "--workers", str(args.workers), "--block-mb", str(args.block_mb),
            "--backend", args.backend, "--threads", str(args.threads)]
+    subprocess.run(["sync"], check=True)  # no mode is throttled by the dirty pages of another
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
     with PeakRSS(p.pid, every=0.02) as mem:
         out, _ = p.communicate()

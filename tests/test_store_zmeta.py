@@ -16,6 +16,7 @@ from pipeline.store.layout import (
     CLEVEL,
     NOT_COMMITTED,
     RECORDS_GROUP,
+    SHUFFLE,
     STEP_ARRAY,
     TENSORS_GROUP,
     chunk_shape,
@@ -48,7 +49,7 @@ def _zarr_store(path: Path, hand: StoreState, chunk_bytes: int) -> None:
         zarr.create_array(
             s, name=f"{TENSORS_GROUP}/{t.path}", shape=(0, *t.shape), dtype=bd,
             chunks=chunk_shape(t.shape, bd.itemsize, chunk_bytes), fill_value=0,
-            compressors=[BloscCodec(cname="zstd", clevel=CLEVEL, shuffle="shuffle",
+            compressors=[BloscCodec(cname="zstd", clevel=CLEVEL, shuffle=SHUFFLE,
                                     typesize=bd.itemsize)],
             dimension_names=["step", *(f"dim_{i}" for i in range(len(t.shape)))],
             attributes={"name": name, "dtype": t.dtype, "encoding": ENCODING})
