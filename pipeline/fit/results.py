@@ -179,7 +179,7 @@ def write_piece(fit_dir: str | Path | RemotePath, t: TensorPlan, rows: slice | N
     if rows.start % cr or (rows.stop % cr and rows.stop != t.shape[0]):
         raise ValueError(f"rows {rows.start}:{rows.stop} of {t.name} are not whole chunks of {cr}")
     tail = "".join(".0" for _ in t.shape[1:])
-    pad = np.full(cr * row_items, np.nan, "<f4")
+    pad: np.ndarray | None = None  # the edge chunk's buffer, made only when a piece has one
     for f in fields:
         vals = results[f].astype("<f4", copy=False).reshape(-1)
         folder = root / "tensors" / t.path / f
@@ -187,7 +187,9 @@ def write_piece(fit_dir: str | Path | RemotePath, t: TensorPlan, rows: slice | N
             a = (j * cr - rows.start) * row_items
             b = (min((j + 1) * cr, rows.stop) - rows.start) * row_items
             chunk = vals[a:b]
-            if b - a < pad.size:  # the edge chunk: zarr stores it whole, padded with NaN
+            if b - a < cr * row_items:  # the edge chunk: zarr stores it whole, padded with NaN
+                if pad is None:
+                    pad = np.full(cr * row_items, np.nan, "<f4")
                 pad[: b - a] = chunk
                 chunk = pad
             (folder / f"c.{j}{tail}").write_bytes(memoryview(np.ascontiguousarray(chunk)).cast("B"))

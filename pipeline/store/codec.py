@@ -34,8 +34,9 @@ planes. With blosc zstd-1 + bitshuffle, ingest stores the real bf16 run in
 the fp32 embedded run in 0.650 instead of 0.715, a 0.5B-shaped synthetic
 bf16 run in 0.268 instead of 0.293 (all measured on one machine; the
 counting sort costs two passes, and bitshuffle compresses faster than byte
-shuffle, so ingest got faster, not slower). A segment is one chunk's elements (the rows of the chunk that lie in
-the tensor), so only whole chunks decode; readers widen a row range to chunk
+shuffle, so ingest got faster, not slower). A segment is one chunk's
+elements (the rows of the chunk that lie in the tensor), so only whole
+chunks decode; readers widen a row range to chunk
 boundaries. 8-bit patterns are never sorted. ``seg`` = 0 gives the plain
 deltas (schema 2's, and the building block of the sorted ones).
 
@@ -71,7 +72,8 @@ def _segments(n: int, seg: int) -> range:
 
 def _order(base: NDArray) -> NDArray:
     """The stable order of a segment's elements by the reference's key (numpy reference)."""
-    key = (base >> base.dtype.type(_key_shift(base.dtype))) & base.dtype.type(0xFF)
+    key = ((base >> base.dtype.type(_key_shift(base.dtype))) & base.dtype.type(0xFF)).astype(
+        np.uint8)  # 8-bit keys: numpy's stable sort is then a radix sort
     return np.argsort(key, kind="stable")
 
 
