@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import dask
@@ -94,6 +96,40 @@ def test_cluster_file_starts_a_local_cluster_with_its_dask_config(tmp_path):
         assert dask.config.get("distributed.scheduler.allowed-failures") == 7
         assert client.run_on_scheduler(_config_value) == 7
     assert dask.config.get("distributed.scheduler.allowed-failures") == before
+
+
+_MALLOC_PROBE = """
+import os, sys
+from pipeline.compute import dask_client
+def probe():
+    return os.environ.get("MALLOC_MMAP_THRESHOLD_")
+if __name__ == "__main__":
+    with (dask_client(sys.argv[1]) if len(sys.argv) > 1 else dask_client(n_workers=1)) as client:
+        print(sorted(set(client.run(probe).values())))
+"""
+
+
+def test_local_workers_keep_glibcs_heap_for_chunk_buffers(tmp_path):
+    """Dask's MALLOC_TRIM_THRESHOLD_ pins glibc's mmap threshold at 128 KiB; our workers start
+    with a 32 MiB one (blosc's per-chunk buffers), and a value the user configured wins.
+
+    In a fresh interpreter, as a user's job starts its workers: the test processes fork
+    theirs from a forkserver, which keeps the environment it was started with.
+    """
+    from pipeline.compute.clusters import WORKER_ENV
+
+    assert WORKER_ENV["MALLOC_MMAP_THRESHOLD_"] == str(32 << 20)
+    script = tmp_path / "probe.py"
+    script.write_text(_MALLOC_PROBE)
+    f = tmp_path / "cluster.yaml"
+    f.write_text("rlvr-lin:\n  cluster:\n    n-workers: 1\n"
+                 "distributed:\n  nanny:\n    pre-spawn-environ:\n"
+                 "      MALLOC_MMAP_THRESHOLD_: 65536\n")
+    for args, want in (([], str(32 << 20)), ([str(f)], "65536")):
+        out = subprocess.run([sys.executable, str(script), *args], capture_output=True,
+                             text=True, timeout=120, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip().splitlines()[-1] == repr([want])
 
 
 def test_unreachable_scheduler_is_a_clear_error(tmp_path):

@@ -280,6 +280,7 @@ def test_worker_memory_limit_is_the_pods_limit(memory: str) -> None:
     assert worker["resources"]["requests"] == worker["resources"]["limits"]
     assert args[args.index("--nthreads") + 1] == "2"  # whole cores of 2500m
     assert {"name": "OMP_NUM_THREADS", "value": "2"} in worker["env"]
+    assert {"name": "MALLOC_MMAP_THRESHOLD_", "value": str(32 << 20)} in worker["env"]
 
 
 def test_memory_quantities() -> None:

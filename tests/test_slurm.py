@@ -50,6 +50,10 @@ def _job_id() -> str:
     return os.environ.get("SLURM_JOB_ID", "")
 
 
+def _malloc_env() -> str | None:
+    return os.environ.get("MALLOC_MMAP_THRESHOLD_")
+
+
 @pytest.fixture(scope="module")
 def jobs(slurm: Slurm, tmp_path_factory):  # noqa: F811
     """A client on two SLURM worker jobs (one core each), and the run store they ingested."""
@@ -87,6 +91,8 @@ def test_fit_on_slurm_jobs_equals_a_local_fit(slurm, jobs, store, local_fit):  #
     ours = {j for j in client.run(_job_id).values()}
     queued = {j for j, state, _ in slurm.squeue() if state == "RUNNING"}
     assert len(ours) == 2 and ours <= queued  # two workers, each inside its own running job
+    # the job script's prologue exported the heap setting the workers inherit (clusters.WORKER_ENV)
+    assert set(client.run(_malloc_env).values()) == {str(32 << 20)}
     ref = JobRef(str(store.resolve()))
     rep = fit_store(store, folder / "slurm.fit", client=client, source=ref, progress=False,
                     block_bytes=BLOCK)

@@ -274,7 +274,8 @@ def _scheduler_lost(client: Any, e: BaseException) -> bool:
 # a chunk's compressed bytes) is then a fresh mapping, page-faulted and zeroed on every call.
 # blosc zstd-1 of a 4 MB chunk ran 1.8x slower in such a worker than with the threshold
 # raised (measured here, two workers at once). Allocations up to 32 MiB (glibc's largest
-# threshold on 64-bit) come from the heap again.
+# threshold on 64-bit) come from the heap again. Local workers get it through the nanny's
+# pre-spawn environment, SLURM jobs through their script's prologue, pods through their env.
 WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
 
 

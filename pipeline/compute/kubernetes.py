@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.compute.clusters import WORKER_ENV
 from pipeline.errors import PipelineError, check_int
 
 if TYPE_CHECKING:
@@ -256,7 +257,8 @@ def worker_spec(opts: KubernetesOptions) -> dict[str, Any]:
                 "imagePullPolicy": opts.image_pull_policy,
                 "args": worker_args(opts),
                 "env": _env(opts, ("OMP_NUM_THREADS", threads),
-                            ("OPENBLAS_NUM_THREADS", threads), ("MKL_NUM_THREADS", threads)),
+                            ("OPENBLAS_NUM_THREADS", threads), ("MKL_NUM_THREADS", threads),
+                            *WORKER_ENV.items()),
                 "resources": _resources(opts.worker_memory, opts.worker_cpu),
                 "ports": [{"name": "http-dashboard", "containerPort": WORKER_DASHBOARD_PORT,
                            "protocol": "TCP"}],

@@ -76,6 +76,15 @@ def cluster_kwargs(options: dict[str, Any], memory_limit: str | int | None, cls:
         kw["memory"] = memory_limit
     import dask
 
+    from pipeline.compute.clusters import WORKER_ENV
+
+    # the worker job exports WORKER_ENV first (the nanny's children inherit it); the file's or
+    # the config's own prologue lines come after, so a user's export of the same name wins
+    prologue = kw.get("job_script_prologue")
+    if prologue is None:
+        prologue = dask.config.get("jobqueue.slurm.job-script-prologue", None) or []
+    kw["job_script_prologue"] = [*(f"export {k}={v}" for k, v in WORKER_ENV.items()),
+                                 *prologue]
     sched = dict(dask.config.get("jobqueue.slurm.scheduler-options", None) or {})
     sched.update(kw.get("scheduler_options") or {})
     sched.setdefault("dashboard_address", ":0")  # a free port: never clashes with another
