@@ -111,7 +111,8 @@ if __name__ == "__main__":
 
 def test_local_workers_keep_glibcs_heap_for_chunk_buffers(tmp_path):
     """Dask's MALLOC_TRIM_THRESHOLD_ pins glibc's mmap threshold at 128 KiB; our workers start
-    with a 32 MiB one (blosc's per-chunk buffers), and a value the user configured wins.
+    with a 32 MiB one (blosc's per-chunk buffers); a value the user configured, or exported,
+    wins.
 
     In a fresh interpreter, as a user's job starts its workers: the test processes fork
     theirs from a forkserver, which keeps the environment it was started with.
@@ -125,9 +126,13 @@ def test_local_workers_keep_glibcs_heap_for_chunk_buffers(tmp_path):
     f.write_text("rlvr-lin:\n  cluster:\n    n-workers: 1\n"
                  "distributed:\n  nanny:\n    pre-spawn-environ:\n"
                  "      MALLOC_MMAP_THRESHOLD_: 65536\n")
-    for args, want in (([], str(32 << 20)), ([str(f)], "65536")):
+    # Dask's nanny writes its pre-spawn variables into its own process's environment for
+    # good, and takes a variable of the environment over its config: clean the children's
+    clean = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    for args, env, want in (([], {}, str(32 << 20)), ([str(f)], {}, "65536"),
+                            ([], {"MALLOC_MMAP_THRESHOLD_": "131072"}, "131072")):
         out = subprocess.run([sys.executable, str(script), *args], capture_output=True,
-                             text=True, timeout=120, cwd=tmp_path)
+                             text=True, timeout=120, cwd=tmp_path, env={**clean, **env})
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout.strip().splitlines()[-1] == repr([want])
 
