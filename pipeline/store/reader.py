@@ -144,7 +144,7 @@ class RunStore:
         r0, r1, step = tail[0].indices(full[0])
         rows = range(r0, r1, step)
         lo, hi = min(rows[0], rows[-1]), max(rows[0], rows[-1]) + 1
-        cr = self._chunk_rows(name, arr)
+        cr = self._chunk_rows(arr)
         a, b = lo - lo % cr, min(full[0], -(-hi // cr) * cr)  # whole chunks: deltas sort per chunk
         if (a, b, step) == (lo, hi, 1) and out.flags.c_contiguous:
             return self._decode_rows(name, arr, idx, a, b, out)
@@ -154,14 +154,16 @@ class RunStore:
         out[...] = whole[:, slice(r0 - a, r1 - a if r1 - a >= 0 else None, step)]
         return out
 
-    def _chunk_rows(self, name: str, arr: zarr.Array) -> int:
+    @staticmethod
+    def _chunk_rows(arr: zarr.Array) -> int:
+        """Rows per stored chunk: the unit a step's deltas are sorted in (``codec``)."""
         return int(arr.chunks[1]) if len(arr.chunks) > 1 else 1
 
     def _decode_rows(self, name: str, arr: zarr.Array, idx: list[int], r0: int, r1: int,
                      out: np.ndarray) -> np.ndarray:
         """Positions ``idx`` of rows [r0, r1), whole chunks, into C-contiguous ``out``."""
         full = self.shape(name)
-        seg = (self._chunk_rows(name, arr) * int(np.prod(full[1:], dtype=np.int64))
+        seg = (self._chunk_rows(arr) * int(np.prod(full[1:], dtype=np.int64))
                if full else 1)
         direct = self._direct_array(name)
         if direct is not None:
