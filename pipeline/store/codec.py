@@ -61,8 +61,9 @@ ENCODING = "zigzag-sub-prev-key0-sort8"  # recorded in the store; change it, bum
 DEFAULT_KEY_EVERY = 8  # a key position every 8: at most 9 chunks to decode any step
 
 
-def _key_shift(dtype: np.dtype) -> int:
-    """Shift that brings the 8 bits below the sign bit down (0: 8-bit patterns, not sorted)."""
+def key_shift(dtype: np.dtype) -> int:
+    """Shift that brings the 8 bits below the sign bit down: the sort key of sorted deltas
+    (0 for 8-bit patterns, which are not sorted). The numba kernels take it from here too."""
     return max(0, 8 * dtype.itemsize - 9)
 
 
@@ -72,7 +73,7 @@ def _segments(n: int, seg: int) -> range:
 
 def _order(base: NDArray) -> NDArray:
     """The stable order of a segment's elements by the reference's key (numpy reference)."""
-    key = ((base >> base.dtype.type(_key_shift(base.dtype))) & base.dtype.type(0xFF)).astype(
+    key = ((base >> base.dtype.type(key_shift(base.dtype))) & base.dtype.type(0xFF)).astype(
         np.uint8)  # 8-bit keys: numpy's stable sort is then a radix sort
     return np.argsort(key, kind="stable")
 
@@ -216,13 +217,12 @@ def decode(stored: NDArray, base: NDArray | None, out: NDArray | None = None,
             from pipeline.store.zigzag import decode_sorted_into
 
             return decode_sorted_into(stored, base, out, seg)
-        sf, bf, of = stored.reshape(-1), base.reshape(-1), out.reshape(-1)
+        sf, bf = stored.reshape(-1), base.reshape(-1)
         d = np.empty_like(sf)
         for lo in _segments(sf.size, seg):
             hi = min(lo + seg, sf.size)
             d[lo:hi][_order(bf[lo:hi])] = sf[lo:hi]
-        np.copyto(of, decode(d, bf, overwrite=True))
-        return out
+        return decode(d.reshape(stored.shape), base, out=out, overwrite=True)
     if out is None and not overwrite:
         d = (stored >> one) ^ (-(stored & one).view(signed_bits_dtype(u))).view(u)
         return d + base

@@ -80,18 +80,21 @@ def _decode_sorted(stored, base, out, kshift, seg):
 
 def encode_sorted_into(bits: NDArray, base: NDArray, out: NDArray, seg: int) -> NDArray:
     """``codec.encode(bits, base, seg)`` in two passes per segment (C-contiguous, 16+ bits)."""
+    from pipeline.store.codec import key_shift
+
     u = bits.dtype
-    w = 8 * u.itemsize
-    _encode_sorted(bits.reshape(-1), base.reshape(-1), out.reshape(-1), u.type(w - 1),
-                   u.type(w - 9), seg)
+    _encode_sorted(bits.reshape(-1), base.reshape(-1), out.reshape(-1),
+                   u.type(8 * u.itemsize - 1), u.type(key_shift(u)), seg)
     return out
 
 
 def decode_sorted_into(stored: NDArray, base: NDArray, out: NDArray, seg: int) -> NDArray:
     """``codec.decode(stored, base, seg=seg)`` into ``out`` (not ``stored``), 16+ bits."""
+    from pipeline.store.codec import key_shift
+
     u = stored.dtype
-    _decode_sorted(stored.reshape(-1), base.reshape(-1), out.reshape(-1),
-                   u.type(8 * u.itemsize - 9), seg)
+    _decode_sorted(stored.reshape(-1), base.reshape(-1), out.reshape(-1), u.type(key_shift(u)),
+                   seg)
     return out
 
 
