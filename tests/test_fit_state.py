@@ -9,7 +9,9 @@ is still accepted (ignored) so older callers keep working; the CLI's
 
 from __future__ import annotations
 
+import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +21,10 @@ from typer.testing import CliRunner
 
 from pipeline.checkpoints.discover import discover_checkpoints
 from pipeline.compute import dask_client
+from pipeline.errors import PipelineError
 from pipeline.fit import fit_store, open_fit
 from pipeline.fit.results import ELEMENTS, SCHEMA_VERSION, read_meta
+from pipeline.fit.source import StoreRef
 from pipeline.store.ingest import ingest
 
 
@@ -128,3 +132,69 @@ def test_cli_has_no_state_option_and_takes_a_backend(store, default_fit, tmp_pat
         for var in ("count", "null_count", "n_static", "n_nonfinite", "n_selected"):
             np.testing.assert_array_equal(ha[var].values, hb[var].values)
         np.testing.assert_allclose(ha.r2_sum.values, hb.r2_sum.values, rtol=1e-12)
+
+
+@dataclass(frozen=True)
+class FailingSource:
+    """The store, whose reads fail once ``count`` holds ``after`` marks (an interrupted fit)."""
+
+    inner: StoreRef
+    count: str
+    after: int
+
+    def open(self, n_steps: int | None = None):
+        return _Failing(self.inner.open(n_steps), self.count, self.after)
+
+
+class _Failing:
+    def __init__(self, src, count: str, after: int) -> None:
+        self._src, self._count, self._after = src, count, after
+
+    def __getattr__(self, name):
+        return getattr(self._src, name)
+
+    def read_block(self, *args, **kwargs):
+        with open(self._count, "ab") as f:
+            f.write(b".")
+        if os.path.getsize(self._count) > self._after:
+            raise OSError("the disk went away")
+        return self._src.read_block(*args, **kwargs)
+
+
+def _chunk_inodes(fit_dir: Path) -> dict[str, int]:
+    return {str(p.relative_to(fit_dir)): p.stat().st_ino
+            for p in (fit_dir / ELEMENTS / "tensors").rglob("c.*")}
+
+
+def test_a_refit_overwrites_in_place_and_an_interrupted_one_is_incomplete(
+        store, default_fit, tmp_path) -> None:
+    out = tmp_path / "again.fit"
+    shutil.copytree(default_fit.fit_dir, out)
+    inodes = _chunk_inodes(out)
+    assert len(inodes) > 10
+    # an interrupted refit: "complete" was unset before its first chunk was rewritten
+    src = FailingSource(StoreRef.of(store), str(tmp_path / "reads"), 3)
+    with pytest.raises(OSError, match="went away"):
+        fit_store(store, out, executor="serial", source=src, full=True, progress=False)
+    assert (tmp_path / "reads").stat().st_size > 3  # it did start reading
+    with pytest.raises(PipelineError, match="incomplete"):
+        open_fit(out)
+    rep = fit_store(store, out, executor="serial", progress=False)  # not trusted: refitted
+    assert rep.new_steps == rep.steps == default_fit.steps
+    assert_same_fit(out, default_fit.fit_dir, csv=True)
+    assert _chunk_inodes(out) == inodes  # the same files, rewritten in place
+
+
+def test_a_refit_does_not_write_through_a_symlinked_chunk(store, default_fit,
+                                                         tmp_path) -> None:
+    out = tmp_path / "linked.fit"
+    shutil.copytree(default_fit.fit_dir, out)
+    chunk = sorted((out / ELEMENTS / "tensors").rglob("c.*"))[0]
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"precious" * 100)
+    chunk.unlink()
+    chunk.symlink_to(victim)
+    with pytest.raises(PipelineError, match="symlink") as e:
+        fit_store(store, out, executor="serial", full=True, progress=False)
+    assert chunk.name in str(e.value)
+    assert victim.read_bytes() == b"precious" * 100

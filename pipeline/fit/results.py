@@ -40,6 +40,7 @@ from pipeline.store import zmeta
 from pipeline.store.location import (
     RemotePath,
     as_location,
+    overwrite_bytes,
     remove_tree,
     upload_tree,
     zarr_store,
@@ -117,14 +118,36 @@ def _results_compressors() -> Any:
     return None
 
 
+def _same_layout(fit_dir: Path | RemotePath, tensors: list[TensorPlan],
+                 meta: dict[str, Any]) -> bool:
+    """The folder holds a fit of this schema with these arrays, shapes and chunks.
+
+    Every fit writes every chunk of every array, so such a fit's files are
+    overwritten in place (``write_piece``) instead of removed and made anew.
+    """
+    old = read_meta(fit_dir)
+    if (not old or old.get("schema_version") != meta["schema_version"]
+            or old.get("tensors") != meta["tensors"] or old.get("fields") != meta["fields"]):
+        return False
+    folder = fit_dir / ELEMENTS / "tensors"
+    return all((folder / t.path / f / "zarr.json").is_file()
+               for t in tensors for f in meta["fields"])
+
+
 def create_fit(fit_dir: str | Path | RemotePath, tensors: list[TensorPlan],
                meta: dict[str, Any]) -> None:
-    """Create every array of a fresh fit (metadata only; tasks fill the chunks).
+    """Create every array of a fit (metadata only; tasks fill the chunks).
 
-    Opened with mode "w": whatever an older fit left (a ``state`` group of
-    schema 3 included) is replaced. ``meta["fields"]`` names the arrays.
+    A fit of the same layout (``_same_layout``: a refit after an appended
+    step, or ``--full``) keeps its arrays and only gets ``meta`` with
+    ``complete`` unset. Anything else is opened with mode "w": whatever an
+    older fit left (a ``state`` group of schema 3 included) is replaced.
+    ``meta["fields"]`` names the arrays.
     """
     fit_dir = as_location(fit_dir)
+    if _same_layout(fit_dir, tensors, meta):
+        write_meta(fit_dir, meta)  # "complete" is unset before the first chunk is rewritten
+        return
     root = zarr.open_group(zarr_store(fit_dir / ELEMENTS), mode="w")
     root.attrs[ATTRS_KEY] = meta
     tg = root.create_group("tensors")
@@ -163,7 +186,7 @@ def write_piece(fit_dir: str | Path | RemotePath, t: TensorPlan, rows: slice | N
     The result arrays are uncompressed little-endian float32 with "." chunk
     keys (``create_fit``), so a chunk file ``c.<i>.0`` is the chunk's bytes,
     the edge chunk padded with the fill value to the whole chunk as zarr pads
-    it: written straight to the file,
+    it: written straight to the file, in place (``location.overwrite_bytes``),
     without zarr's per-call machinery (0.74 s of a 4.2 s fit of the 0.3 GB
     benchmark store went to writing through zarr). A 0-d tensor goes through zarr.
     """
@@ -192,7 +215,7 @@ def write_piece(fit_dir: str | Path | RemotePath, t: TensorPlan, rows: slice | N
                     pad = np.full(cr * row_items, np.nan, "<f4")
                 pad[: b - a] = chunk
                 chunk = pad
-            (folder / f"c.{j}{tail}").write_bytes(memoryview(np.ascontiguousarray(chunk)).cast("B"))
+            overwrite_bytes(folder / f"c.{j}{tail}", np.ascontiguousarray(chunk).data)
 
 
 class FitResult:
