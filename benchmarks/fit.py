@@ -261,7 +261,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="threads per Dask worker")
     ap.add_argument("--backend", default="numba", help="fused kernel backend")
-    ap.add_argument("--block-mb", type=float, default=4.0)
+    ap.add_argument("--block-mb", type=float, default=16.0)  # fit_store's default
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--_mode", help=argparse.SUPPRESS)
     args = ap.parse_args()

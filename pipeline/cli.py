@@ -406,8 +406,9 @@ def fit_cmd(
     ] = ExecutorName("dask"),
     bins: Annotated[int, typer.Option(help="R² histogram bins on [0, 1]")] = 100,
     block_mb: Annotated[
-        float, typer.Option(help="checkpoint MB per step per task (memory ~50x)")
-    ] = 4.0,
+        float, typer.Option(help="checkpoint MB per step per task, read and fitted in pieces "
+                                 "of at most 4 MB (memory ~50x the piece)")
+    ] = 16.0,
     device: Annotated[
         FitDevice,  # type: ignore[valid-type]
         typer.Option(help="cpu, or cuda: the torch backend on GPU workers (without --cluster, "

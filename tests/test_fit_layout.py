@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import zarr
 
 from pipeline.fit.results import ELEMENTS, TensorPlan, create_fit, result_fields
@@ -35,9 +36,14 @@ def test_create_fit_writes_zarrs_own_documents(tmp_path):
             assert np.isnan(arr[...]).all()
 
 
-def test_result_chunks_written_directly_are_zarrs_bytes(tmp_path):
-    """write_piece writes chunk files by hand: the same files zarr writes, edge chunks too."""
+@pytest.mark.parametrize("direct", [True, False])
+def test_result_chunks_written_directly_are_zarrs_bytes(tmp_path, direct):
+    """write_piece writes chunk files by hand: the same files zarr writes, edge chunks too,
+    with direct I/O or through the page cache."""
     from pipeline.fit.results import write_piece
+    from pipeline.store.chunk_writer import ChunkWriter
+
+    writer = ChunkWriter(direct=direct)
 
     rng = np.random.default_rng(0)
     plans = [TensorPlan("a.weight", (7, 5), "bfloat16", 3), TensorPlan("b", (4,), "float32", 4),
@@ -51,7 +57,8 @@ def test_result_chunks_written_directly_are_zarrs_bytes(tmp_path):
         for r0 in range(0, n, step):  # pieces of two chunks, the last one short
             rows = slice(r0, min(r0 + step, n)) if t.shape else None
             write_piece(tmp_path / "new", t, rows,
-                        {f: v[rows] if t.shape else v for f, v in full.items()}, FIELDS)
+                        {f: v[rows] if t.shape else v for f, v in full.items()}, FIELDS, writer)
+        writer.wait()
         for f in FIELDS:
             ref = zarr.open_array(str(tmp_path / "ref" / ELEMENTS), path=f"tensors/{t.path}/{f}",
                                   mode="r+")

@@ -53,7 +53,7 @@ from pipeline.fit.tasks import FitConfig, fit_block, fit_rows, plan_tasks, run_g
 from pipeline.store.layout import Piece
 from pipeline.store.location import RemotePath, as_location
 
-DEFAULT_BLOCK_BYTES = 4 << 20  # checkpoint bytes per step per task
+DEFAULT_BLOCK_BYTES = 16 << 20  # checkpoint bytes per step per task (pieces: tasks.PIECE_BYTES)
 DEFAULT_BINS = 100
 DEFAULT_SEED = 0
 

@@ -1,19 +1,22 @@
 """The Dask side of the fit: a plan of tasks (pure arithmetic) and the task body.
 
-One task = a few row blocks ("pieces") of ~``block_bytes`` of checkpoint data
-per step: big tensors are split into chunk-aligned row blocks, small tensors
-share a task, so the number of tasks follows the bytes, not the tensor
-count. A task reads every step of a piece at once (up to
+One task = ~``block_bytes`` of checkpoint data per step, in chunk-aligned
+row blocks ("pieces") of at most ``PIECE_BYTES``: big tensors are split,
+small tensors share a task, so the number of tasks follows the bytes, not
+the tensor count. A task reads every step of a piece at once (up to
 ``READ_BUDGET_BYTES``) through the ``SourceRef``, runs the fused kernel of
-``pipeline.engine`` on it in one pass, writes the float32 results of its own
-chunks (slope, intercept, R²; each element's null R² only on request) and
-returns only small additive summaries (histograms, counts, the null's among them).
+``pipeline.engine`` on it in one pass, hands the float32 results of its own
+chunks (slope, intercept, R²; each element's null R² only on request) to a
+background writer (``store.chunk_writer``: written while the next piece is
+fitted) and returns only small additive summaries (histograms, counts, the
+null's among them), once its chunks are written.
 No float64 state is written: a fit after appended steps re-reads the
 compressed store, which is smaller than any state (see ``job``). Memory per
-task is bounded by its block: the steps read, 16 bytes of results per
-element (the null's included, written or not), and, only when the steps do
-not fit one read, a carry of 120 bytes per element in RAM; never by the
-model or the number of steps.
+task is bounded by its piece: the steps read, 16 bytes of results per
+element (the null's included, written or not), the writer's staging buffers
+(``chunk_writer.SLOTS`` chunks), and, only when the steps do not fit one
+read, a carry of 120 bytes per element in RAM; never by the model, the
+task or the number of steps.
 """
 
 from __future__ import annotations
@@ -32,10 +35,12 @@ from pipeline.engine.signs import sign_offset, sign_words
 from pipeline.engine.spec import RESULTS, SELECTIONS, XStats, codec_for, kernel_inputs
 from pipeline.fit.results import RESULT_FIELDS, TensorPlan, write_piece
 from pipeline.fit.source import SourceRef
+from pipeline.store.chunk_writer import ChunkWriter, chunk_writer
 from pipeline.store.layout import Piece, group_tasks, plan_pieces
 from pipeline.workspace import Workspace
 
 READ_BUDGET_BYTES = 64 << 20  # raw bytes of steps read at once by one task
+PIECE_BYTES = 4 << 20  # checkpoint bytes per step of a piece: one read, one kernel call
 
 
 @dataclass(frozen=True)
@@ -102,11 +107,16 @@ class TensorSummary:
 
 
 def plan_tasks(tensors: Sequence[TensorPlan], block_bytes: int) -> list[list[Piece]]:
-    """Chunk-aligned pieces of every tensor, packed into tasks of about ``block_bytes``."""
+    """Chunk-aligned pieces of every tensor, packed into tasks of about ``block_bytes``.
+
+    Pieces are at most ``PIECE_BYTES`` (or one chunk), so a task of several
+    pieces writes one piece's results while it fits the next; memory follows
+    the piece, not the task.
+    """
     pieces: list[Piece] = []
     for t in tensors:
         pieces += plan_pieces(t.name, t.shape, logical_dtype(t.dtype).itemsize, t.chunk_rows,
-                              block_bytes)
+                              min(block_bytes, PIECE_BYTES))
     return group_tasks(pieces, block_bytes)
 
 
@@ -165,15 +175,15 @@ def workspace() -> Workspace:
     return ws
 
 
-def fit_piece(src: Any, t: TensorPlan, piece: Piece, cfg: FitConfig,
-              xst: XStats) -> TensorSummary:
-    """Fit one piece over every step of the window, write its results, summarise it."""
+def fit_piece(src: Any, t: TensorPlan, piece: Piece, cfg: FitConfig, xst: XStats,
+              writer: ChunkWriter) -> TensorSummary:
+    """Fit one piece over every step of the window, hand its results to ``writer``."""
     m = (piece.stop - piece.start) * _row_elems(t.shape) if t.shape else 1
     if m == 0:  # a zero-element tensor (a 0 in its shape): nothing to read, fit or write
         return empty_summary(cfg.n_bins)
     out, counts = fit_block(src, t, piece, cfg, xst)
     write_piece(cfg.fit_dir, t, slice(piece.start, piece.stop) if t.shape else None, out,
-                cfg.fields)
+                cfg.fields, writer)
     return summary_of(counts, m)
 
 
@@ -240,10 +250,21 @@ def empty_summary(n_bins: int) -> TensorSummary:
 
 def fit_task(ref: SourceRef, tensors: dict[str, TensorPlan], pieces: list[Piece],
              cfg: FitConfig) -> list[tuple[str, TensorSummary]]:
-    """One Dask task: every piece of the task, in order (idempotent: safe to re-run)."""
+    """One Dask task: every piece of the task, in order (idempotent: safe to re-run).
+
+    A piece's results are written while the next piece is read and fitted;
+    the task returns once all of them are written.
+    """
     src = ref.open(cfg.first_position + len(cfg.steps))
     xst = XStats.from_steps(cfg.steps)
-    return [(p.name, fit_piece(src, tensors[p.name], p, cfg, xst)) for p in pieces]
+    writer = chunk_writer()
+    try:
+        out = [(p.name, fit_piece(src, tensors[p.name], p, cfg, xst, writer)) for p in pieces]
+    except BaseException:
+        writer.wait(discard=True)  # the task's own error wins; nothing is left in flight
+        raise
+    writer.wait()
+    return out
 
 
 def run_graph(executor: Executor, ref: SourceRef, tensors: dict[str, TensorPlan],

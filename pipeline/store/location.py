@@ -83,8 +83,9 @@ def remove_tree(p: Path | RemotePath) -> None:
     shutil.rmtree(p, ignore_errors=True)
 
 
-def overwrite_bytes(p: Path | RemotePath, data: bytes | bytearray | memoryview) -> None:
-    """``p`` holds exactly ``data`` afterwards, written into the file's existing pages.
+def overwrite_bytes(p: Path | RemotePath, data: bytes | bytearray | memoryview,
+                    offset: int = 0) -> None:
+    """``p`` holds ``data`` at ``offset`` and ends there, written into the file's existing pages.
 
     A fit written again with the same layout (``ingest --watch --fit`` refits
     after every step) overwrites files of the same size: opening them without
@@ -93,8 +94,12 @@ def overwrite_bytes(p: Path | RemotePath, data: bytes | bytearray | memoryview) 
     against 0.4-4.4 GB/s truncated or new, the low end when the memory is
     cold). A symlink is refused (O_NOFOLLOW): the write never lands outside
     the folder. On object storage it is one PUT, as ``write_bytes``.
+    ``offset`` > 0 (local files only) leaves the bytes before it as they are
+    (``chunk_writer`` writes the aligned body of a chunk with direct I/O).
     """
     if isinstance(p, RemotePath):
+        if offset:
+            raise ValueError("an object is written whole (offset 0)")
         p.write_bytes(data)
         return
     import errno
@@ -110,9 +115,9 @@ def overwrite_bytes(p: Path | RemotePath, data: bytes | bytearray | memoryview) 
     try:
         done = 0
         while done < len(view):
-            done += os.pwrite(fd, view[done:], done)
-        if os.fstat(fd).st_size != len(view):
-            os.ftruncate(fd, len(view))
+            done += os.pwrite(fd, view[done:], offset + done)
+        if os.fstat(fd).st_size != offset + len(view):
+            os.ftruncate(fd, offset + len(view))
     finally:
         os.close(fd)
 

@@ -1,0 +1,102 @@
+"""The fit's background chunk writer: what lands in the files, in place, and its failures."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from pipeline.errors import PipelineError
+from pipeline.store.chunk_writer import ALIGN, ChunkWriter, _write_direct, chunk_writer
+
+SIZES = [0, 1, 5, ALIGN - 4, ALIGN, ALIGN + 4, 3 * ALIGN + 12, 1 << 20]
+
+
+def _payload(n: int, seed: int) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_files_hold_exactly_what_was_submitted_over_longer_shorter_and_no_old_file(tmp_path,
+                                                                                   direct):
+    w = ChunkWriter(direct=direct)
+    for i, n in enumerate(SIZES):
+        for old in (None, n + 3 * ALIGN + 7, max(0, n // 2)):  # none, longer, shorter
+            p = tmp_path / f"c.{i}.{old}"
+            if old is not None:
+                p.write_bytes(_payload(old, 99))
+            w.submit(p, _payload(n, i))
+    w.wait()
+    for i, n in enumerate(SIZES):
+        for old in (None, n + 3 * ALIGN + 7, max(0, n // 2)):
+            assert (tmp_path / f"c.{i}.{old}").read_bytes() == _payload(n, i), (n, old)
+
+
+def test_direct_write_with_an_unaligned_tail(tmp_path):
+    buf = mmap.mmap(-1, 4 * ALIGN)
+    data = _payload(3 * ALIGN + 100, 1)
+    memoryview(buf)[: len(data)] = data
+    p = tmp_path / "x"
+    p.write_bytes(b"\xff" * (8 * ALIGN))
+    if not _write_direct(p, memoryview(buf), len(data)):
+        pytest.skip(f"{tmp_path}'s file system refuses O_DIRECT (the writer falls back)")
+    assert p.read_bytes() == data
+
+
+def test_a_chunk_is_copied_before_submit_returns_and_rewritten_in_place(tmp_path):
+    """The fit reuses its result buffers right away; a refit keeps the file (same inode)."""
+    w = ChunkWriter(slots=2)
+    arr = np.arange(50_000, dtype="<f4")
+    p = tmp_path / "c.0.0"
+    for k in range(6):
+        arr[:] = k
+        w.submit(p, arr.data)
+        arr[:] = -1  # the caller's next piece overwrites its buffer at once
+    w.wait()
+    assert (np.frombuffer(p.read_bytes(), "<f4") == 5).all()
+    ino = p.stat().st_ino
+    arr[:] = 7
+    w.submit(p, arr.data)
+    w.wait()
+    assert p.stat().st_ino == ino and (np.frombuffer(p.read_bytes(), "<f4") == 7).all()
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_symlink_is_refused_and_the_error_comes_back_once_from_wait(tmp_path, direct):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    (tmp_path / "c.0").symlink_to(victim)
+    w = ChunkWriter(direct=direct)
+    w.submit(tmp_path / "c.0", b"evil" * 2000)
+    w.submit(tmp_path / "c.1", b"skipped after the failure")
+    with pytest.raises(PipelineError, match=r"c\.0: is a symlink; refusing to write through it"):
+        w.wait()
+    assert victim.read_bytes() == b"keep"
+    assert not (tmp_path / "c.1").exists()
+    w.wait()  # reported once
+    w.submit(tmp_path / "c.2", b"fine")
+    w.wait()
+    assert (tmp_path / "c.2").read_bytes() == b"fine"
+
+
+def test_a_missing_folder_fails_at_wait_and_discard_drops_it(tmp_path):
+    w = ChunkWriter()
+    w.submit(tmp_path / "no" / "c.0", b"x")
+    with pytest.raises(FileNotFoundError):
+        w.wait()
+    w.submit(tmp_path / "no" / "c.0", b"x")
+    w.wait(discard=True)  # a failing task's own error wins (fit_task)
+    w.wait()
+
+
+def test_one_writer_per_thread():
+    mine = chunk_writer()
+    assert chunk_writer() is mine
+    other: list[ChunkWriter] = []
+    t = threading.Thread(target=lambda: other.append(chunk_writer()))
+    t.start()
+    t.join()
+    assert other[0] is not mine and mine.pid == os.getpid()
