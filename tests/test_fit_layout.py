@@ -41,9 +41,9 @@ def test_result_chunks_written_directly_are_zarrs_bytes(tmp_path, direct):
     """write_piece writes chunk files by hand: the same files zarr writes, edge chunks too,
     with direct I/O or through the page cache."""
     from pipeline.fit.results import write_piece
-    from pipeline.store.chunk_writer import ChunkWriter
+    from pipeline.store.background_writes import BackgroundWriter
 
-    writer = ChunkWriter(direct=direct)
+    writer = BackgroundWriter(direct=direct)
 
     rng = np.random.default_rng(0)
     plans = [TensorPlan("a.weight", (7, 5), "bfloat16", 3), TensorPlan("b", (4,), "float32", 4),

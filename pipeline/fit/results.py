@@ -37,7 +37,7 @@ import zarr
 
 from pipeline.errors import PipelineError
 from pipeline.store import zmeta
-from pipeline.store.chunk_writer import ChunkWriter
+from pipeline.store.background_writes import BackgroundWriter
 from pipeline.store.location import (
     RemotePath,
     as_location,
@@ -181,14 +181,14 @@ def _region(shape: tuple[int, ...], rows: slice | None) -> tuple:
 
 def write_piece(fit_dir: str | Path | RemotePath, t: TensorPlan, rows: slice | None,
                 results: dict[str, np.ndarray], fields: tuple[str, ...],
-                writer: ChunkWriter) -> None:
+                writer: BackgroundWriter) -> None:
     """Hand one piece's float32 ``fields`` to ``writer``; rows are a whole number of chunks.
 
     The result arrays are uncompressed little-endian float32 with "." chunk
     keys (``create_fit``), so a chunk file ``c.<i>.0`` is the chunk's bytes,
     the edge chunk padded with the fill value to the whole chunk as zarr pads
     it: written straight to the file, in place and in the background
-    (``chunk_writer``), without zarr's per-call machinery (0.74 s of a 4.2 s
+    (``background_writes``), without zarr's per-call machinery (0.74 s of a 4.2 s
     fit of the 0.3 GB benchmark store went to writing through zarr). The
     caller's ``writer.wait()`` says they are written; ``results`` may be
     reused as soon as this returns. A 0-d tensor goes through zarr, at once.

@@ -7,14 +7,14 @@ the tensor count. A task reads every step of a piece at once (up to
 ``READ_BUDGET_BYTES``) through the ``SourceRef``, runs the fused kernel of
 ``pipeline.engine`` on it in one pass, hands the float32 results of its own
 chunks (slope, intercept, R²; each element's null R² only on request) to a
-background writer (``store.chunk_writer``: written while the next piece is
+background writer (``store.background_writes``: written while the next piece is
 fitted) and returns only small additive summaries (histograms, counts, the
 null's among them), once its chunks are written.
 No float64 state is written: a fit after appended steps re-reads the
 compressed store, which is smaller than any state (see ``job``). Memory per
 task is bounded by its piece: the steps read, 16 bytes of results per
 element (the null's included, written or not), the writer's staging buffers
-(``chunk_writer.SLOTS`` chunks), and, only when the steps do not fit one
+(``background_writes.SLOTS`` chunks), and, only when the steps do not fit one
 read, a carry of 120 bytes per element in RAM; never by the model, the
 task or the number of steps.
 """
@@ -35,7 +35,7 @@ from pipeline.engine.signs import sign_offset, sign_words
 from pipeline.engine.spec import RESULTS, SELECTIONS, XStats, codec_for, kernel_inputs
 from pipeline.fit.results import RESULT_FIELDS, TensorPlan, write_piece
 from pipeline.fit.source import SourceRef
-from pipeline.store.chunk_writer import ChunkWriter, chunk_writer
+from pipeline.store.background_writes import BackgroundWriter, background_writer
 from pipeline.store.layout import Piece, group_tasks, plan_pieces
 from pipeline.workspace import Workspace
 
@@ -176,7 +176,7 @@ def workspace() -> Workspace:
 
 
 def fit_piece(src: Any, t: TensorPlan, piece: Piece, cfg: FitConfig, xst: XStats,
-              writer: ChunkWriter) -> TensorSummary:
+              writer: BackgroundWriter) -> TensorSummary:
     """Fit one piece over every step of the window, hand its results to ``writer``."""
     m = (piece.stop - piece.start) * _row_elems(t.shape) if t.shape else 1
     if m == 0:  # a zero-element tensor (a 0 in its shape): nothing to read, fit or write
@@ -257,7 +257,7 @@ def fit_task(ref: SourceRef, tensors: dict[str, TensorPlan], pieces: list[Piece]
     """
     src = ref.open(cfg.first_position + len(cfg.steps))
     xst = XStats.from_steps(cfg.steps)
-    writer = chunk_writer()
+    writer = background_writer()
     try:
         out = [(p.name, fit_piece(src, tensors[p.name], p, cfg, xst, writer)) for p in pieces]
     except BaseException:

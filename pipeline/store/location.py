@@ -95,7 +95,7 @@ def overwrite_bytes(p: Path | RemotePath, data: bytes | bytearray | memoryview,
     cold). A symlink is refused (O_NOFOLLOW): the write never lands outside
     the folder. On object storage it is one PUT, as ``write_bytes``.
     ``offset`` > 0 (local files only) leaves the bytes before it as they are
-    (``chunk_writer`` writes the aligned body of a chunk with direct I/O).
+    (``background_writes`` writes the aligned body of a chunk with direct I/O).
     """
     if isinstance(p, RemotePath):
         if offset:

@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.store.chunk_writer import ALIGN, ChunkWriter, _write_direct, chunk_writer
+from pipeline.store.background_writes import (
+    ALIGN,
+    BackgroundWriter,
+    _write_direct,
+    background_writer,
+)
 
 SIZES = [0, 1, 5, ALIGN - 4, ALIGN, ALIGN + 4, 3 * ALIGN + 12, 1 << 20]
 
@@ -22,7 +27,7 @@ def _payload(n: int, seed: int) -> bytes:
 @pytest.mark.parametrize("direct", [True, False])
 def test_files_hold_exactly_what_was_submitted_over_longer_shorter_and_no_old_file(tmp_path,
                                                                                    direct):
-    w = ChunkWriter(direct=direct)
+    w = BackgroundWriter(direct=direct)
     for i, n in enumerate(SIZES):
         for old in (None, n + 3 * ALIGN + 7, max(0, n // 2)):  # none, longer, shorter
             p = tmp_path / f"c.{i}.{old}"
@@ -48,7 +53,7 @@ def test_direct_write_with_an_unaligned_tail(tmp_path):
 
 def test_a_chunk_is_copied_before_submit_returns_and_rewritten_in_place(tmp_path):
     """The fit reuses its result buffers right away; a refit keeps the file (same inode)."""
-    w = ChunkWriter(slots=2)
+    w = BackgroundWriter(slots=2)
     arr = np.arange(50_000, dtype="<f4")
     p = tmp_path / "c.0.0"
     for k in range(6):
@@ -69,7 +74,7 @@ def test_a_symlink_is_refused_and_the_error_comes_back_once_from_wait(tmp_path, 
     victim = tmp_path / "victim"
     victim.write_bytes(b"keep")
     (tmp_path / "c.0").symlink_to(victim)
-    w = ChunkWriter(direct=direct)
+    w = BackgroundWriter(direct=direct)
     w.submit(tmp_path / "c.0", b"evil" * 2000)
     w.submit(tmp_path / "c.1", b"skipped after the failure")
     with pytest.raises(PipelineError, match=r"c\.0: is a symlink; refusing to write through it"):
@@ -83,7 +88,7 @@ def test_a_symlink_is_refused_and_the_error_comes_back_once_from_wait(tmp_path, 
 
 
 def test_a_missing_folder_fails_at_wait_and_discard_drops_it(tmp_path):
-    w = ChunkWriter()
+    w = BackgroundWriter()
     w.submit(tmp_path / "no" / "c.0", b"x")
     with pytest.raises(FileNotFoundError):
         w.wait()
@@ -93,10 +98,10 @@ def test_a_missing_folder_fails_at_wait_and_discard_drops_it(tmp_path):
 
 
 def test_one_writer_per_thread():
-    mine = chunk_writer()
-    assert chunk_writer() is mine
-    other: list[ChunkWriter] = []
-    t = threading.Thread(target=lambda: other.append(chunk_writer()))
+    mine = background_writer()
+    assert background_writer() is mine
+    other: list[BackgroundWriter] = []
+    t = threading.Thread(target=lambda: other.append(background_writer()))
     t.start()
     t.join()
     assert other[0] is not mine and mine.pid == os.getpid()

@@ -5,7 +5,8 @@ compressed store read, so how it writes matters more than how it reads.
 Written in the task's own thread through the page cache, every chunk was a
 memory copy into pages the kernel had to find first: on the 2-core VM of
 the benchmarks new page-cache pages came at 0.35-0.4 GB/s (the host backs
-guest memory lazily), and a 0.5B fit spent 40% of its time there. Here a
+guest memory lazily), and a fresh fit of the 0.5B benchmark (3.6 GB of
+results) took 14-15 s, against 9.5 s with this module. Here a
 chunk is copied once into one of a few page-aligned staging buffers (kept
 warm: they are reused) and handed to a thread that writes it with
 ``O_DIRECT``: the device copies it (1.6-3.3 GB/s here, 0.1 s of CPU per GB),
@@ -14,7 +15,9 @@ model's results (384 GB for 32B parameters) out of the page cache, where
 they would evict the store the next tasks read.
 
 A file system that refuses ``O_DIRECT`` (tmpfs, some network mounts) gets
-ordinary writes, in the same thread. An object store gets one PUT per chunk.
+ordinary writes, still in the writer's thread. An object store gets one PUT
+per chunk. At most ``SLOTS`` chunks are staged at a time: ``submit`` waits
+for a free buffer, so memory follows the chunk size, not the task.
 Files are opened without truncation (a refit overwrites the blocks it
 allocated before) and never through a symlink. ``wait`` returns when every
 chunk submitted so far is written and raises the first failure: a task
@@ -66,7 +69,7 @@ def _write_direct(p: Path, buf: memoryview, n: int) -> bool:
     return True
 
 
-class ChunkWriter:
+class BackgroundWriter:
     """Writes (path, bytes) in a background thread, in submission order.
 
     ``direct=False`` writes through the page cache (as a file system without
@@ -84,7 +87,7 @@ class ChunkWriter:
         self._error: BaseException | None = None
         self._direct = direct and _O_DIRECT != 0
         self.pid = os.getpid()
-        self._thread = threading.Thread(target=self._run, name="chunk-writer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="background-writes", daemon=True)
         self._thread.start()
 
     def submit(self, p: Path | RemotePath, data: memoryview | bytes) -> None:
@@ -92,9 +95,8 @@ class ChunkWriter:
         view = memoryview(data).cast("B")
         n = len(view)
         buf = self._free.get()
-        if len(buf) < n:  # grown once to the largest chunk, then reused
-            buf.close()
-            buf = mmap.mmap(-1, -(-n // ALIGN) * ALIGN)
+        if len(buf) < n:  # grown once to the largest chunk, then reused (the old one is
+            buf = mmap.mmap(-1, -(-n // ALIGN) * ALIGN)  # unmapped when unreferenced)
         memoryview(buf)[:n] = view
         with self._lock:
             self._pending += 1
@@ -139,9 +141,9 @@ class ChunkWriter:
 _LOCAL = threading.local()
 
 
-def chunk_writer() -> ChunkWriter:
+def background_writer() -> BackgroundWriter:
     """This thread's writer (one background thread per task thread, kept between tasks)."""
     w = getattr(_LOCAL, "writer", None)
     if w is None or w.pid != os.getpid():  # a forked child has no writer thread
-        w = _LOCAL.writer = ChunkWriter()
+        w = _LOCAL.writer = BackgroundWriter()
     return w
