@@ -105,3 +105,17 @@ def test_one_writer_per_thread():
     t.start()
     t.join()
     assert other[0] is not mine and mine.pid == os.getpid()
+
+
+def test_the_thread_ends_with_its_writer(tmp_path):
+    """A task thread that ends leaves no writer thread (nor its staging buffers) behind."""
+    import gc
+
+    w = BackgroundWriter()
+    w.submit(tmp_path / "c.0", b"last words")
+    thread = w.thread
+    del w
+    gc.collect()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert (tmp_path / "c.0").read_bytes() == b"last words"  # what was queued is written

@@ -31,6 +31,7 @@ import mmap
 import os
 import queue
 import threading
+import weakref
 from pathlib import Path
 
 from pipeline.errors import PipelineError
@@ -69,73 +70,82 @@ def _write_direct(p: Path, buf: memoryview, n: int) -> bool:
     return True
 
 
+class _Shared:
+    """What the writer thread uses: never the ``BackgroundWriter`` itself, so that a writer
+    whose owner is gone (its thread ended) is collected, and its thread told to stop."""
+
+    def __init__(self, slots: int, direct: bool) -> None:
+        self.free: queue.Queue[mmap.mmap] = queue.Queue()
+        for _ in range(slots):
+            self.free.put(mmap.mmap(-1, ALIGN))
+        self.jobs: queue.Queue[tuple[Path | RemotePath, mmap.mmap, int] | None] = queue.Queue()
+        self.idle = threading.Condition()
+        self.pending = 0
+        self.error: BaseException | None = None
+        self.direct = direct and _O_DIRECT != 0
+
+    def run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            p, buf, n = job
+            try:
+                if self.error is None:
+                    self.write(p, buf, n)
+            except BaseException as e:  # noqa: BLE001 -- handed to the waiting task
+                with self.idle:
+                    self.error = e
+            finally:
+                self.free.put(buf)
+                with self.idle:
+                    self.pending -= 1
+                    self.idle.notify_all()
+
+    def write(self, p: Path | RemotePath, buf: mmap.mmap, n: int) -> None:
+        view = memoryview(buf)[:n]
+        try:
+            if isinstance(p, RemotePath) or not (self.direct and _write_direct(p, view, n)):
+                if not isinstance(p, RemotePath):
+                    self.direct = False  # this file system refused O_DIRECT: once is enough
+                overwrite_bytes(p, view)
+        finally:
+            view.release()
+
+
 class BackgroundWriter:
     """Writes (path, bytes) in a background thread, in submission order.
 
     ``direct=False`` writes through the page cache (as a file system without
-    ``O_DIRECT`` is written).
+    ``O_DIRECT`` is written). The thread ends when the writer is collected.
     """
 
     def __init__(self, slots: int = SLOTS, direct: bool = True) -> None:
-        self._free: queue.Queue[mmap.mmap] = queue.Queue()
-        for _ in range(slots):
-            self._free.put(mmap.mmap(-1, ALIGN))
-        self._jobs: queue.Queue[tuple[Path | RemotePath, mmap.mmap, int] | None] = queue.Queue()
-        self._lock = threading.Lock()
-        self._pending = 0
-        self._idle = threading.Condition(self._lock)
-        self._error: BaseException | None = None
-        self._direct = direct and _O_DIRECT != 0
+        self._s = _Shared(slots, direct)
         self.pid = os.getpid()
-        self._thread = threading.Thread(target=self._run, name="background-writes", daemon=True)
-        self._thread.start()
+        self.thread = threading.Thread(target=self._s.run, name="background-writes", daemon=True)
+        self.thread.start()
+        weakref.finalize(self, self._s.jobs.put, None)
 
     def submit(self, p: Path | RemotePath, data: memoryview | bytes) -> None:
         """Copy ``data`` into a staging buffer and queue it (blocks while all are in flight)."""
         view = memoryview(data).cast("B")
         n = len(view)
-        buf = self._free.get()
+        buf = self._s.free.get()
         if len(buf) < n:  # grown once to the largest chunk, then reused (the old one is
             buf = mmap.mmap(-1, -(-n // ALIGN) * ALIGN)  # unmapped when unreferenced)
         memoryview(buf)[:n] = view
-        with self._lock:
-            self._pending += 1
-        self._jobs.put((p, buf, n))
+        with self._s.idle:
+            self._s.pending += 1
+        self._s.jobs.put((p, buf, n))
 
     def wait(self, discard: bool = False) -> None:
         """Every chunk submitted so far is written (or skipped after a failure); raises the
         first failure since the last wait unless ``discard``."""
-        with self._idle:
-            while self._pending:
-                self._idle.wait()
-            err, self._error = self._error, None
+        s = self._s
+        with s.idle:
+            while s.pending:
+                s.idle.wait()
+            err, s.error = s.error, None
         if err is not None and not discard:
             raise err
-
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            p, buf, n = job
-            try:
-                if self._error is None:
-                    self._write(p, buf, n)
-            except BaseException as e:  # noqa: BLE001 -- handed to the waiting task
-                with self._lock:
-                    self._error = e
-            finally:
-                self._free.put(buf)
-                with self._idle:
-                    self._pending -= 1
-                    self._idle.notify_all()
-
-    def _write(self, p: Path | RemotePath, buf: mmap.mmap, n: int) -> None:
-        view = memoryview(buf)[:n]
-        try:
-            if isinstance(p, RemotePath) or not (self._direct and _write_direct(p, view, n)):
-                if not isinstance(p, RemotePath):
-                    self._direct = False  # this file system refused O_DIRECT: once is enough
-                overwrite_bytes(p, view)
-        finally:
-            view.release()
 
 
 _LOCAL = threading.local()
