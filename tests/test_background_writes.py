@@ -119,3 +119,57 @@ def test_the_thread_ends_with_its_writer(tmp_path):
     thread.join(timeout=10)
     assert not thread.is_alive()
     assert (tmp_path / "c.0").read_bytes() == b"last words"  # what was queued is written
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_hard_linked_chunk_is_replaced_not_written_through(tmp_path, direct):
+    """A ``cp -al`` snapshot of a fit keeps its bytes when the fit is written again."""
+    p = tmp_path / "c.0"
+    p.write_bytes(b"old" * 3000)
+    os.link(p, tmp_path / "snapshot")
+    w = BackgroundWriter(direct=direct)
+    w.submit(p, b"new" * 3000)
+    w.wait()
+    assert p.read_bytes() == b"new" * 3000
+    assert (tmp_path / "snapshot").read_bytes() == b"old" * 3000
+
+
+def test_chunk_files_get_the_umask_like_every_other_file(tmp_path):
+    old = os.umask(0o002)  # a group-writable fit folder
+    try:
+        w = BackgroundWriter()
+        w.submit(tmp_path / "c.0", b"x" * 10_000)
+        w.wait()
+        (tmp_path / "zarr.json").write_bytes(b"{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c.0").stat().st_mode & 0o777 == 0o664
+    assert (tmp_path / "zarr.json").stat().st_mode & 0o777 == 0o664
+
+
+def test_a_failed_submit_gives_its_staging_buffer_back(tmp_path, monkeypatch):
+    """No memory for a larger buffer (or an interrupt) must not use the slots up for good."""
+    import pipeline.store.background_writes as bw
+
+    w = BackgroundWriter(slots=2)
+    real = bw.mmap.mmap
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(bw.mmap, "mmap", no_memory)
+    for _ in range(3):
+        with pytest.raises(MemoryError):
+            w.submit(tmp_path / "big", b"x" * (1 << 20))
+    monkeypatch.setattr(bw.mmap, "mmap", real)
+    done = threading.Event()
+
+    def more() -> None:
+        for i in range(4):
+            w.submit(tmp_path / f"c.{i}", b"y" * (1 << 20))
+        w.wait()
+        done.set()
+
+    threading.Thread(target=more, daemon=True).start()
+    assert done.wait(30), "submit hung: staging buffers were lost"
+    assert all((tmp_path / f"c.{i}").read_bytes() == b"y" * (1 << 20) for i in range(4))

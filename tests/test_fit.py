@@ -157,6 +157,9 @@ def test_null_is_sane_and_deterministic(store_bf16, fit_bf16, client, tmp_path) 
                       progress=False)
     assert again.tasks > fit_bf16.tasks
     assert_same_fit(fit_bf16.fit_dir, again.fit_dir)
+    # so a complete fit made with another block size is current: nothing is read
+    same = fit_store(store_bf16, tmp_path / "fit2", client=client, progress=False)
+    assert same.new_steps == [] and same.bytes_read == 0
 
 
 def test_a_fit_writes_twelve_bytes_an_element_and_the_null_on_request(

@@ -113,16 +113,18 @@ def _window(steps: list[int], start: int | None, stop: int | None) -> tuple[int,
 
 
 def _previous(meta: dict[str, Any] | None, plans: list[TensorPlan],
-              window: tuple[int | None, int | None], seed: int, block_bytes: int,
-              n_bins: int, fields: tuple[str, ...]) -> list[int]:
+              window: tuple[int | None, int | None], seed: int, n_bins: int,
+              fields: tuple[str, ...]) -> list[int]:
     """Steps of a complete stored fit of the same schema, options and tensors ([] if none).
 
     When they are the window's steps, the stored fit is current and nothing is read.
+    The block size is not an option that counts: an element's results do not
+    depend on the block it is fitted in (``tasks.fit_block``).
     """
     if not meta or not meta.get("complete") or meta.get("schema_version") != SCHEMA_VERSION:
         return []
-    same = (meta.get("seed") == seed and meta.get("block_bytes") == block_bytes
-            and meta.get("n_bins") == n_bins and list(meta.get("window", [])) == list(window)
+    same = (meta.get("seed") == seed and meta.get("n_bins") == n_bins
+            and list(meta.get("window", [])) == list(window)
             and tuple(meta.get("fields", ())) == fields
             and meta.get("tensors") == {p.name: _plan_json(p) for p in plans})
     return list(meta.get("steps", [])) if same else []
@@ -192,7 +194,7 @@ def fit_store(
         _ = plans[-1].path  # its array key: a name that cannot be one fails before any write
     window = (start, stop)
     fields = result_fields(null_elements)
-    prev = _previous(read_meta(fit_dir), plans, window, seed, block_bytes, n_bins, fields)
+    prev = _previous(read_meta(fit_dir), plans, window, seed, n_bins, fields)
     if not full and prev == steps:  # nothing new: the stored fit is current
         hists = {sel: FitResult(fit_dir).histograms(sel) for sel in SELECTIONS}
         return FitReport(fit_dir, steps, [], False, 0, 0, time.perf_counter() - t0, hists)

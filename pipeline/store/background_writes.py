@@ -19,7 +19,8 @@ ordinary writes, still in the writer's thread. An object store gets one PUT
 per chunk. At most ``SLOTS`` chunks are staged at a time: ``submit`` waits
 for a free buffer, so memory follows the chunk size, not the task.
 Files are opened without truncation (a refit overwrites the blocks it
-allocated before) and never through a symlink. ``wait`` returns when every
+allocated before), never through a symlink, and a hard-linked one is
+replaced, not written through (``location.open_in_place``). ``wait`` returns when every
 chunk submitted so far is written and raises the first failure: a task
 calls it before it returns, so a finished task's results are on disk.
 """
@@ -34,8 +35,7 @@ import threading
 import weakref
 from pathlib import Path
 
-from pipeline.errors import PipelineError
-from pipeline.store.location import RemotePath, overwrite_bytes
+from pipeline.store.location import RemotePath, open_in_place, overwrite_bytes
 
 ALIGN = 4096  # O_DIRECT: buffer, offset and length multiples of the logical block (<= 4 KiB)
 SLOTS = 4  # staging buffers per writer: bounds the bytes in flight to SLOTS chunks
@@ -45,12 +45,10 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 def _write_direct(p: Path, buf: memoryview, n: int) -> bool:
     """``p`` holds ``buf[:n]`` (``buf`` page-aligned); False if the file system refuses."""
     try:
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | _O_DIRECT, 0o644)
+        fd = open_in_place(p, _O_DIRECT)
     except OSError as e:
         if e.errno == errno.EINVAL:
             return False
-        if e.errno == errno.ELOOP:
-            raise PipelineError("is a symlink; refusing to write through it", p) from None
         raise
     try:
         body = n - n % ALIGN
@@ -129,9 +127,13 @@ class BackgroundWriter:
         view = memoryview(data).cast("B")
         n = len(view)
         buf = self._s.free.get()
-        if len(buf) < n:  # grown once to the largest chunk, then reused (the old one is
-            buf = mmap.mmap(-1, -(-n // ALIGN) * ALIGN)  # unmapped when unreferenced)
-        memoryview(buf)[:n] = view
+        try:
+            if len(buf) < n:  # grown once to the largest chunk, then reused (the old one is
+                buf = mmap.mmap(-1, -(-n // ALIGN) * ALIGN)  # unmapped when unreferenced)
+            memoryview(buf)[:n] = view
+        except BaseException:  # no memory, an interrupt: the slot goes back, not lost
+            self._s.free.put(buf)
+            raise
         with self._s.idle:
             self._s.pending += 1
         self._s.jobs.put((p, buf, n))
