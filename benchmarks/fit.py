@@ -22,7 +22,7 @@ Measures, each in its own process tree with RSS sampled every 20 ms
   1-2 s here; the baseline's clock also starts after its imports);
 * refit: the same fit again, into the folder the fit left: what ``ingest
   --watch --fit`` does after each step (same layout, so the result files are
-  overwritten in place, ``location.overwrite_bytes``).
+  overwritten in place; written in the background, ``store.background_writes``).
 
 ``--issue-run`` writes (once) and measures the fit issue's own workload:
 0.5B-model shapes, 4 bf16 random-walk checkpoints, 2.4 GB. With several
@@ -270,9 +270,7 @@ def main() -> None:
         res = {"baseline": lambda: run_baseline(args.run),
                "read": lambda: run_read_pass(args.store, args.workers, block),
                "fit": lambda: run_fit(args.store, args.workers, block, args.backend,
-                                      args.threads),
-               "refit": lambda: run_fit(args.store, args.workers, block, args.backend,
-                                        args.threads)}[args._mode]()
+                                      args.threads)}[{"refit": "fit"}.get(args._mode, args._mode)]()
         print(json.dumps(res))
         return
     if args.run is not None:

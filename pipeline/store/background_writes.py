@@ -35,7 +35,7 @@ import threading
 import weakref
 from pathlib import Path
 
-from pipeline.store.location import RemotePath, open_in_place, overwrite_bytes
+from pipeline.store.location import RemotePath, open_in_place, overwrite_bytes, write_at
 
 ALIGN = 4096  # O_DIRECT: buffer, offset and length multiples of the logical block (<= 4 KiB)
 SLOTS = 4  # staging buffers per writer: bounds the bytes in flight to SLOTS chunks
@@ -50,16 +50,12 @@ def _write_direct(p: Path, buf: memoryview, n: int) -> bool:
         if e.errno == errno.EINVAL:
             return False
         raise
+    body = n - n % ALIGN
     try:
-        body = n - n % ALIGN
-        done = 0
-        while done < body:
-            done += os.pwrite(fd, buf[done:body], done)
-        if body == n and os.fstat(fd).st_size != n:
-            os.ftruncate(fd, n)  # a longer old file is cut
+        write_at(fd, buf[:body], 0, end=body == n)  # else the tail below sets the end
     except OSError as e:
         os.close(fd)
-        if e.errno == errno.EINVAL and done == 0:
+        if e.errno == errno.EINVAL:  # refused at the first write: nothing is lost, redone
             return False
         raise
     os.close(fd)
@@ -100,10 +96,11 @@ class _Shared:
     def write(self, p: Path | RemotePath, buf: mmap.mmap, n: int) -> None:
         view = memoryview(buf)[:n]
         try:
-            if isinstance(p, RemotePath) or not (self.direct and _write_direct(p, view, n)):
-                if not isinstance(p, RemotePath):
-                    self.direct = False  # this file system refused O_DIRECT: once is enough
-                overwrite_bytes(p, view)
+            if self.direct and not isinstance(p, RemotePath):
+                if _write_direct(p, view, n):
+                    return
+                self.direct = False  # this file system refused O_DIRECT: once is enough
+            overwrite_bytes(p, view)
         finally:
             view.release()
 

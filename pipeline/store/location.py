@@ -131,16 +131,23 @@ def overwrite_bytes(p: Path | RemotePath, data: bytes | bytearray | memoryview,
         return
     import os
 
-    view = memoryview(data).cast("B")
     fd = open_in_place(p)
     try:
-        done = 0
-        while done < len(view):
-            done += os.pwrite(fd, view[done:], offset + done)
-        if os.fstat(fd).st_size != offset + len(view):
-            os.ftruncate(fd, offset + len(view))
+        write_at(fd, memoryview(data).cast("B"), offset, end=True)
     finally:
         os.close(fd)
+
+
+def write_at(fd: int, view: memoryview, offset: int, end: bool) -> None:
+    """All of ``view`` at ``offset`` of ``fd`` (short writes continued); ``end``: the file
+    ends right after it (a longer old file is cut)."""
+    import os
+
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+    if end and os.fstat(fd).st_size != offset + len(view):
+        os.ftruncate(fd, offset + len(view))
 
 
 def upload_tree(local: Path, remote: RemotePath) -> None:
